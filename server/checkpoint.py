@@ -1,0 +1,122 @@
+"""Server checkpoints: every adapter, the round counter, metrics and optimizer state.
+
+Layout of a run directory::
+
+    RUN_DIR/checkpoint/round-0003/     one complete snapshot per finished round
+        global/                        peft format (adapter_config.json + safetensors)
+        persona/<id>/
+        optimizer.safetensors          FedAdam moments, when used
+        state.json                     round, history, epsilons, persona names
+    RUN_DIR/checkpoint/LATEST          name of the newest complete snapshot
+    RUN_DIR/adapters/global/, adapters/persona/<id>/   the latest adapters, for users
+
+A snapshot directory is written whole and renamed into place; only then is
+``LATEST`` replaced (atomically). A server killed at any instant resumes from
+the last snapshot that ``LATEST`` names, never from a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from shared.adapters import load_adapter_state, save_adapter
+from shared.aggregation import FedAdamState, State
+from shared.atomic import write_text_atomic
+
+KEEP_SNAPSHOTS = 2
+
+
+@dataclass
+class ServerState:
+    """Everything a resumed server needs; plain data."""
+
+    round: int
+    global_state: State
+    persona_states: dict[str, State]
+    optimizer: dict[str, FedAdamState] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epsilon_per_user: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path:
+    root = Path(run_dir) / "checkpoint"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"round-{state.round:04d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        save_adapter(staging / "global", state.global_state, lora)
+        for persona, persona_state in state.persona_states.items():
+            save_adapter(staging / "persona" / persona, persona_state, lora)
+        moments = {f"{level}|{kind}|{key}": tensor
+                   for level, opt in state.optimizer.items()
+                   for kind, part in (("m", opt.m), ("v", opt.v))
+                   for key, tensor in part.items()}
+        if moments:
+            save_file({k: v.contiguous() for k, v in moments.items()},
+                      str(staging / "optimizer.safetensors"))
+        meta = {"round": state.round, "history": state.history,
+                "epsilon_per_user": state.epsilon_per_user, "rejected": state.rejected,
+                "personas": sorted(state.persona_states),
+                "optimizer_levels": sorted(state.optimizer)}
+        (staging / "state.json").write_text(json.dumps(meta, indent=1))
+        target = root / name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_text_atomic(root / "LATEST", name + "\n")
+    _publish_adapters(Path(run_dir), state, lora)
+    _prune(root, keep=name)
+    return root / name
+
+
+def load_checkpoint(run_dir: Path) -> ServerState | None:
+    """The last complete snapshot, or ``None`` when the run has none."""
+    root = Path(run_dir) / "checkpoint"
+    latest = root / "LATEST"
+    if not latest.is_file():
+        return None
+    snapshot = root / latest.read_text().strip()
+    meta = json.loads((snapshot / "state.json").read_text())
+    optimizer: dict[str, FedAdamState] = {level: FedAdamState() for level in
+                                          meta.get("optimizer_levels", [])}
+    if (snapshot / "optimizer.safetensors").is_file():
+        for key, tensor in load_file(str(snapshot / "optimizer.safetensors")).items():
+            level, kind, name = key.split("|", 2)
+            getattr(optimizer.setdefault(level, FedAdamState()), kind)[name] = tensor
+    return ServerState(
+        round=int(meta["round"]),
+        global_state=load_adapter_state(snapshot / "global"),
+        persona_states={p: load_adapter_state(snapshot / "persona" / p)
+                        for p in meta["personas"]},
+        optimizer=optimizer, history=meta["history"],
+        epsilon_per_user=meta["epsilon_per_user"], rejected=meta.get("rejected", []))
+
+
+def _publish_adapters(run_dir: Path, state: ServerState, lora: LoraConfig) -> None:
+    save_adapter(run_dir / "adapters" / "global", state.global_state, lora)
+    for persona, persona_state in state.persona_states.items():
+        save_adapter(run_dir / "adapters" / "persona" / persona, persona_state, lora)
+
+
+def _prune(root: Path, keep: str) -> None:
+    snapshots = sorted(p for p in root.glob("round-*") if p.is_dir())
+    for old in snapshots[:-KEEP_SNAPSHOTS]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def states_equal(a: State, b: State) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

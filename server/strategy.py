@@ -1,0 +1,123 @@
+"""The hierarchical strategy: global over all clients, each persona over its members.
+
+Each sampled client receives the global adapter and *only its own* persona's
+adapter. Each reply is validated (record names, keys, dtype, shapes, finite
+values) before it counts; a bad reply is rejected with a reason and the round
+goes on. Aggregation is the pure :func:`shared.aggregation.hierarchical_mean`,
+then either a plain replacement (FedAvg) or a FedAdam step per adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+
+from server.checkpoint import ServerState
+from shared.adapters import State, is_trainable_key
+from shared.aggregation import ClientUpdate, FedAdamState, fedadam_step, hierarchical_mean
+from shared.config import RunConfig
+from shared.records import record_spec, record_to_state, state_to_record
+from shared.validation import UpdateRejected, check_spec, check_values
+from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+
+ALLOWED_REPLY_KEYS = {KEY_GLOBAL, KEY_PERSONA, KEY_METRICS}
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    accepted: list[tuple[int, ClientUpdate, dict]]  # (node id, update, metrics)
+    declined: list[tuple[int, dict]]
+    rejected: list[tuple[int, str]]
+
+
+def sample_nodes(node_ids: Iterable[int], k: int, *, seed: int, server_round: int) -> list[int]:
+    """``k`` nodes, reproducible from the seed and round (sorted first: ids are random)."""
+    nodes = sorted(node_ids)
+    return sorted(random.Random(seed * 100_003 + server_round).sample(nodes, min(k, len(nodes))))
+
+
+def sent_part(state: State, scheme: str) -> State:
+    """What travels: B only under FFA (A is public, derived from the seed)."""
+    return {k: v for k, v in state.items() if is_trainable_key(k, scheme)}
+
+
+def train_content(state: ServerState, persona: str | None, scheme: str) -> RecordDict:
+    content = RecordDict({KEY_GLOBAL: state_to_record(sent_part(state.global_state, scheme))})
+    if persona is not None:
+        content[KEY_PERSONA] = state_to_record(sent_part(state.persona_states[persona], scheme))
+    return content
+
+
+def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tuple[int, ...]],
+                current: ServerState | None = None, scheme: str = "ffa",
+                max_update_norm: float = 0.0) -> tuple[ClientUpdate | None, dict]:
+    """Validate one training reply; ``(None, metrics)`` when the client declined.
+
+    With ``current`` and ``max_update_norm > 0``, an adapter whose L2 change from
+    what the server sent exceeds the bound is rejected. ``metrics`` gains
+    ``update-norm``: the L2 norm of the global adapter's change (computed from
+    DP-released tensors only). Raises :class:`UpdateRejected` naming the problem.
+    """
+    if reply.has_error():
+        raise UpdateRejected(f"client error: {reply.error.reason}")
+    content = reply.content
+    unknown = set(content.keys()) - ALLOWED_REPLY_KEYS
+    if unknown:
+        raise UpdateRejected(f"unexpected record(s) in reply: {', '.join(sorted(unknown))}")
+    if KEY_METRICS not in content.metric_records:
+        raise UpdateRejected("reply has no metrics record")
+    metrics = dict(content.metric_records[KEY_METRICS])
+    if int(metrics.get("declined", 0)):
+        return None, metrics
+    num_examples = metrics.get("num-examples")
+    if not isinstance(num_examples, int) or num_examples <= 0:
+        raise UpdateRejected(f"num-examples must be a positive integer, got {num_examples!r}")
+    if KEY_GLOBAL not in content.array_records:
+        raise UpdateRejected("reply has no global adapter")
+    check_spec(record_spec(content.array_records[KEY_GLOBAL]), expected, what="global adapter")
+    global_state = record_to_state(content.array_records[KEY_GLOBAL])
+    bound = max_update_norm or None
+    metrics["update-norm"] = check_values(
+        global_state, what="global adapter", max_delta_norm=bound,
+        reference=sent_part(current.global_state, scheme) if current else None)
+    persona_state: State = {}
+    if persona is not None:
+        if KEY_PERSONA not in content.array_records:
+            raise UpdateRejected(f"reply has no adapter for persona {persona}")
+        check_spec(record_spec(content.array_records[KEY_PERSONA]), expected,
+                   what=f"persona {persona} adapter")
+        persona_state = record_to_state(content.array_records[KEY_PERSONA])
+        check_values(persona_state, what=f"persona {persona} adapter", max_delta_norm=bound,
+                     reference=(sent_part(current.persona_states[persona], scheme)
+                                if current else None))
+    elif KEY_PERSONA in content.array_records:
+        raise UpdateRejected("reply carries a persona adapter but the client has no persona")
+    return ClientUpdate(global_state=global_state, persona=persona or "",
+                        persona_state=persona_state, num_examples=num_examples), metrics
+
+
+def apply_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig) -> None:
+    """Aggregate accepted updates into ``state`` (in place): global over all, personas
+    over members; personas with no member this round are unchanged."""
+    if not updates:
+        return
+    global_mean, persona_means = hierarchical_mean(updates)
+    state.global_state = _step(state, "global", state.global_state, global_mean, cfg)
+    for persona, mean in persona_means.items():
+        if not persona or not mean:
+            continue  # clients without a persona contribute to global only
+        state.persona_states[persona] = _step(state, f"persona/{persona}",
+                                              state.persona_states[persona], mean, cfg)
+
+
+def _step(state: ServerState, name: str, current: State, mean: State, cfg: RunConfig) -> State:
+    sent = sent_part(current, cfg.lora_scheme)
+    if cfg.server_optimizer == "fedadam":
+        new_part, state.optimizer[name] = fedadam_step(
+            sent, mean, state.optimizer.get(name, FedAdamState()), lr=cfg.server_learning_rate)
+    else:
+        new_part = {k: sent[k] + cfg.server_learning_rate * (mean[k] - sent[k]) for k in sent}
+    return {**current, **new_part}

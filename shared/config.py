@@ -1,0 +1,203 @@
+"""The one run configuration: a frozen dataclass validated on creation.
+
+Flower hands the ServerApp ``context.run_config`` with kebab-case keys from
+``[tool.flwr.app.config]`` (plus ``--run-config`` overrides); the command line
+passes ``key=value`` strings. Both become a :class:`RunConfig`, whose field
+defaults equal the pyproject defaults (``flwr.simulation.run_simulation`` passes
+an empty run config, so the defaults must stand on their own; a test checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+PERSONA_SCHEMES = ("genre", "play")
+LORA_SCHEMES = ("ffa", "fedavg")
+SERVER_OPTIMIZERS = ("fedavg", "fedadam")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A run setting is unknown or has a bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    # -- base model and data ------------------------------------------------
+    model: str = "smollm2"  # "smollm2" (embedded GGUF), "tiny", or a local HF model directory
+    data_dir: str = ""  # population directory; "" = build the Shakespeare one in the cache
+    personas: str = "genre"  # "genre" or "play"
+    min_records: int = 30  # a character needs this many speeches to be a user
+    test_fraction: float = 0.2  # the last fraction of each user's records, kept for testing
+    cold_start_plays: str = "the-tempest,macbeth"  # every character of these plays is cold-start
+    cold_start_fraction: float = 0.1  # fraction of other plays' users held out as cold-start
+    max_users: int = 24  # training users in a simulation, stratified over personas; 0 = all
+    # -- federated rounds -----------------------------------------------------
+    num_rounds: int = 6
+    clients_per_round: int = 8
+    # -- local training ---------------------------------------------------------
+    local_steps: int = 4  # DP-SGD steps on the released (global + persona) adapters per round
+    user_steps: int = 4  # steps on the on-device user adapter per round (never released)
+    batch_size: int = 8  # expected (Poisson) batch size
+    seq_len: int = 64
+    learning_rate: float = 0.02
+    user_learning_rate: float = 0.02
+    # -- LoRA -----------------------------------------------------------------------
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"
+    lora_scheme: str = "ffa"  # "ffa": A frozen at a shared seed, only B trained and averaged
+    # -- record-level DP on the device (Opacus) -----------------------------------
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0  # per-user budget; a client refuses a round that would pass it
+    target_delta: float = 1e-5
+    # -- server ---------------------------------------------------------------------
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 1.0
+    max_update_norm: float = 0.0  # reject an update whose L2 change exceeds this; 0 = no bound
+    # -- runtime --------------------------------------------------------------------
+    run_dir: str = ""  # adapters, checkpoints and reports; "" = $FEDPERSONA_CACHE/runs/latest
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    dtype: str = "float32"
+    eval_max_records: int = 24  # test records per user used in evaluation
+
+    def __post_init__(self) -> None:
+        _check_choice("personas", self.personas, PERSONA_SCHEMES)
+        _check_choice("lora-scheme", self.lora_scheme, LORA_SCHEMES)
+        _check_choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("min_records", "num_rounds", "clients_per_round", "batch_size",
+                     "seq_len", "lora_rank", "local_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_users", "user_steps", "eval_max_records"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.cold_start_fraction < 1.0:
+            raise ConfigError(
+                f"cold-start-fraction must be in [0, 1), got {self.cold_start_fraction}")
+        for name in ("learning_rate", "user_learning_rate", "lora_alpha", "max_grad_norm",
+                     "server_learning_rate"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):  # also rejects NaN
+                raise ConfigError(f"{_kebab(name)} must be a finite number > 0, got {value}")
+        if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
+            raise ConfigError(f"max-update-norm must be a finite number >= 0, got "
+                              f"{self.max_update_norm}")
+        if not self.target_epsilon > 0:  # inf is allowed: no budget
+            raise ConfigError(f"target-epsilon must be > 0, got {self.target_epsilon}")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"noise-multiplier must be a finite number >= 0, got "
+                              f"{self.noise_multiplier}")
+        if self.dp and self.noise_multiplier == 0:
+            raise ConfigError("noise-multiplier must be > 0 when dp is on (use dp=false for no DP)")
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError(f"target-delta must be in (0, 1), got {self.target_delta}")
+        if not self.lora_target_modules:
+            raise ConfigError("lora-targets must name at least one module")
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def lora_target_modules(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def cold_start_play_ids(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.cold_start_plays.split(",") if p.strip())
+
+    @property
+    def federation_key(self) -> str:
+        """Names this federation's state on a device: the same run directory, model and
+        adapter shape resume it; anything else starts a separate ledger and user adapter."""
+        import hashlib
+
+        ident = "|".join(map(str, (self.run_dir, self.model, self.lora_rank, self.lora_alpha,
+                                   self.lora_targets, self.lora_scheme, self.seed)))
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    # -- conversions ------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case (or snake_case) keys; values may be strings.
+
+        Unknown keys are rejected, so a typo in ``--run-config`` cannot pass silently.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"unknown setting {key!r} (known: "
+                                  f"{', '.join(_kebab(n) for n in fields)})")
+            kwargs[name] = _coerce(key, raw, type(getattr(cls, name)))
+        return cls(**kwargs)
+
+    def to_flower(self) -> dict[str, Any]:
+        """Kebab-case scalar dict, as in ``[tool.flwr.app.config]`` and a ConfigRecord."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["num-rounds=3", "dp=false"]`` -> ``{"num-rounds": "3", "dp": "false"}``."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"setting {pair!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {raw!r}")
+    if kind in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key} must be a number, got {raw!r}")
+        try:
+            value = kind(raw) if kind is float else _to_int(raw)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key} must be {'an integer' if kind is int else 'a number'}, "
+                              f"got {raw!r}") from None
+        return value
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key} must be a string, got {raw!r}")
+    return raw
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, float):
+        if not raw.is_integer():
+            raise ValueError(raw)
+        return int(raw)
+    return int(str(raw).strip())
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")

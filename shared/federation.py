@@ -1,0 +1,49 @@
+"""Who takes part: the population a run uses and the users its simulation trains.
+
+Both the ServerApp and the simulated ClientApps call these, so a simulated
+node's ``partition-id`` names the same user on both sides.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from shared.config import RunConfig
+from shared.model import cache_root
+from shared.shakespeare import ensure_population, settings_from_config
+from shared.userdata import ROLE_TRAIN, Population, PopulationEntry, load_population
+
+
+def population_dir(cfg: RunConfig) -> Path:
+    """``data-dir``, or the Shakespeare population for these settings (built once)."""
+    if cfg.data_dir:
+        return Path(cfg.data_dir).expanduser()
+    return ensure_population(settings_from_config(cfg), cache_root() / "data")
+
+
+def training_users(population: Population, cfg: RunConfig) -> tuple[PopulationEntry, ...]:
+    """Up to ``max-users`` training users, round-robin over personas (seeded), sorted by id."""
+    pool = list(population.with_role(ROLE_TRAIN))
+    if cfg.max_users == 0 or cfg.max_users >= len(pool):
+        return tuple(sorted(pool, key=lambda u: u.user_id))
+    rng = random.Random(cfg.seed)
+    by_persona: dict[str, list[PopulationEntry]] = {}
+    for entry in sorted(pool, key=lambda u: u.user_id):
+        by_persona.setdefault(entry.persona or "", []).append(entry)
+    for members in by_persona.values():
+        rng.shuffle(members)
+    chosen: list[PopulationEntry] = []
+    while len(chosen) < cfg.max_users:
+        for persona in sorted(by_persona):
+            if by_persona[persona] and len(chosen) < cfg.max_users:
+                chosen.append(by_persona[persona].pop())
+    return tuple(sorted(chosen, key=lambda u: u.user_id))
+
+
+def persona_names(population: Population) -> tuple[str, ...]:
+    return population.personas
+
+
+def load_run_population(cfg: RunConfig) -> Population:
+    return load_population(population_dir(cfg))

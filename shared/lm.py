@@ -1,0 +1,97 @@
+"""Language-model plumbing shared by training, evaluation and audits.
+
+Records become fixed-width token tensors (so Poisson-sampled batches stack),
+and the loss is a mean over each record's own tokens, then over records. The
+per-record normalisation matters for DP: with a token mean over the whole
+batch one record's length would scale every other record's gradient, and the
+sensitivity argument behind per-sample clipping would no longer hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared.metrics import TokenStats
+from shared.userdata import Record
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedRecords:
+    input_ids: torch.Tensor  # (N, T) long, right-padded
+    attention_mask: torch.Tensor  # (N, T) long
+    labels: torch.Tensor  # (N, T) long; IGNORE_INDEX where no loss is taken
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> EncodedRecords:
+        """Rows ``index``, trimmed to the longest selected row (padding costs compute)."""
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(dim=1).max()) if len(mask) else 1, 2)
+        return EncodedRecords(self.input_ids[index, :width], mask[:, :width],
+                              self.labels[index, :width])
+
+
+def encode_records(records: Sequence[Record], tokenizer, seq_len: int) -> EncodedRecords:
+    """Tokenize records into ``seq_len``-wide tensors; loss only on response tokens."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows_ids, rows_labels = [], []
+    for record in records:
+        prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt \
+            else []
+        response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + eos
+        ids = (bos + prompt + response)[:seq_len]
+        labels = ([IGNORE_INDEX] * (len(bos) + len(prompt)) + response)[:seq_len]
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+    n = len(rows_ids)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, seq_len), dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows_ids, rows_labels)):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        labels[i, :len(lab)] = torch.tensor(lab)
+    return EncodedRecords(input_ids, attention, labels)
+
+
+def token_losses(model, batch: EncodedRecords) -> tuple[torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    """Per-token NLL ``(B, T-1)``, its mask and the argmax hits, for next-token prediction."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.input_ids.to(device),
+                   attention_mask=batch.attention_mask.to(device)).logits  # (B, T, V)
+    targets = batch.labels[:, 1:].to(device)  # (B, T-1)
+    logits = logits[:, :-1].float()
+    mask = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    hits = (logits.argmax(dim=-1) == targets) & mask
+    return nll * mask, mask, hits
+
+
+def per_record_loss(model, batch: EncodedRecords) -> torch.Tensor:
+    """``(B,)``: mean NLL over each record's own predicted tokens."""
+    nll, mask, _ = token_losses(model, batch)
+    return nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate_stats(model, data: EncodedRecords, *, batch_size: int = 8) -> TokenStats:
+    """Summed NLL, hits and token count over ``data`` (the model's current adapters)."""
+    was_training = model.training
+    model.eval()
+    total = TokenStats(0.0, 0, 0)
+    for start in range(0, len(data), batch_size):
+        batch = data.select(torch.arange(start, min(start + batch_size, len(data))))
+        nll, mask, hits = token_losses(model, batch)
+        total = total + TokenStats(float(nll.sum()), int(hits.sum()), int(mask.sum()))
+    model.train(was_training)
+    return total

@@ -1,0 +1,67 @@
+"""Record-level privacy accounting over all rounds, with Opacus's accountants.
+
+The ledger is plain data: Opacus's own history format,
+``[(noise_multiplier, sample_rate, steps), ...]``, one entry per local training
+run, composed across rounds and restarts (Mironov, "Renyi Differential
+Privacy", 2017; Opacus ``RDPAccountant``). Never a per-round epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from opacus.accountants import RDPAccountant
+
+HistoryEntry = tuple[float, float, int]
+
+
+def epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
+    """Epsilon at ``delta`` of everything in ``history``; 0 for an empty history."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyLedger:
+    """One user's privacy spending; persisted on the device after every round."""
+
+    target_epsilon: float
+    target_delta: float
+    history: list[HistoryEntry] = field(default_factory=list)
+    rounds: int = 0
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon(self.history, delta=self.target_delta)
+
+    def epsilon_after(self, entry: HistoryEntry) -> float:
+        return epsilon([*self.history, entry], delta=self.target_delta)
+
+    def can_afford(self, entry: HistoryEntry) -> bool:
+        return self.epsilon_after(entry) <= self.target_epsilon
+
+    def record(self, entry: HistoryEntry) -> None:
+        """Add a spent training run (called before its result may leave the device)."""
+        sigma, q, steps = entry
+        if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and math.isfinite(sigma)):
+            raise ValueError(f"invalid accountant entry {entry}")
+        if steps:
+            self.history.append((float(sigma), float(q), int(steps)))
+        self.rounds += 1
+
+    def to_json(self) -> dict:
+        return {"target_epsilon": self.target_epsilon, "target_delta": self.target_delta,
+                "history": [list(e) for e in self.history], "rounds": self.rounds,
+                "epsilon": self.epsilon, "accountant": "rdp"}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> PrivacyLedger:
+        return cls(target_epsilon=float(raw["target_epsilon"]),
+                   target_delta=float(raw["target_delta"]),
+                   history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
+                   rounds=int(raw.get("rounds", 0)))

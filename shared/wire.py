@@ -1,0 +1,39 @@
+"""What travels in Flower messages: record names and the run configuration.
+
+Server -> client: ``config`` (the run settings), ``round`` (round number, persona
+names), ``global`` and ``persona`` (the adapters to start from).
+Client -> server: ``global`` and ``persona`` (trained tensors; B only under FFA)
+and ``metrics`` (numbers only: counts, losses, epsilon, the persona index).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord
+
+from shared.config import RunConfig
+
+KEY_CONFIG = "config"
+KEY_ROUND = "round"
+KEY_GLOBAL = "global"
+KEY_PERSONA = "persona"
+KEY_METRICS = "metrics"
+
+# Evaluation levels -> the adapters active for each ("base": none).
+EVAL_LEVELS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "global": ("global",),
+    "global+persona": ("global", "persona"),
+    "global+persona+user": ("global", "persona", "user"),
+}
+
+
+def run_config_record(cfg: RunConfig) -> ConfigRecord:
+    return ConfigRecord(cfg.to_flower())
+
+
+def read_run_config(record: ConfigRecord) -> RunConfig:
+    return RunConfig.from_mapping(dict(record))
+
+
+def round_record(server_round: int, persona_names: tuple[str, ...]) -> ConfigRecord:
+    return ConfigRecord({"server-round": server_round, "persona-names": list(persona_names)})

@@ -1,0 +1,103 @@
+"""``fedpersona simulate``: the federated run on Flower's Simulation Engine (Ray).
+
+Settings come from ``[tool.flwr.app.config]`` of the ``pyproject.toml`` in the
+current directory when it is this app's (else the built-in defaults, which are
+the same), then from ``key=value`` overrides. One simulated SuperNode per
+training user; ``partition-id`` names the user on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from shared.config import ConfigError, RunConfig, parse_overrides
+
+
+def app_config_defaults(pyproject: Path) -> dict:
+    """``[tool.flwr.app.config]`` of a fedpersona pyproject, or ``{}``."""
+    if not pyproject.is_file():
+        return {}
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{pyproject}: malformed TOML ({err})") from None
+    flwr = data.get("tool", {}).get("flwr", {})
+    if flwr.get("app", {}).get("publisher") != "fedpersona":
+        return {}
+    return dict(flwr.get("app", {}).get("config", {}))
+
+
+def resolve_config(out: Path | None, settings: list[str], *,
+                   pyproject: Path = Path("pyproject.toml")) -> RunConfig:
+    values = app_config_defaults(pyproject)
+    values.update(parse_overrides(settings))
+    if out is not None:
+        values["run-dir"] = str(Path(out).resolve())
+    return RunConfig.from_mapping(values)
+
+
+def simulate(cfg: RunConfig, *, num_cpus: int | None = None) -> dict:
+    """Run the simulation to the end; return the report (raises what the server raised)."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import run_dir_of, run_server
+    from shared.federation import load_run_population, training_users
+    from shared.userdata import load_user
+
+    population = load_run_population(cfg)
+    users = training_users(population, cfg)
+    if not users:
+        raise ConfigError("the population has no training users")
+    for entry in users:  # fail fast, with the file and line, before any worker starts
+        load_user(population.user_dir(entry.user_id))
+    num_users = len(users)
+    outcome: dict = {}
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:  # the config is ours, not the empty one Flower passes
+        try:
+            outcome["report"] = run_server(grid, cfg)
+        except BaseException as err:  # surfaced in the calling thread below
+            outcome["error"] = err
+            raise
+
+    cpus = num_cpus or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "logging_level": "error",
+                             "log_to_driver": True}}
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_users,
+                   backend_config=backend)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "report" not in outcome:
+        raise RuntimeError(f"simulation ended without a report (see the log; run dir "
+                           f"{run_dir_of(cfg)})")
+    return outcome["report"]
+
+
+def run_simulation_command(out: Path | None, settings: list[str]) -> int:
+    from server.report import levels_table
+    from server.server_app import run_dir_of
+
+    cfg = resolve_config(out, settings)
+    print(f"fedpersona simulate: run dir {run_dir_of(cfg)}")
+    report = simulate(cfg)
+    print()
+    print(levels_table(report["levels"]))
+    privacy = report["privacy"]
+    if privacy["dp"]:
+        print(f"\nepsilon max {privacy['epsilon_max']:.3f} at delta {privacy['delta']:g} "
+              f"(budget {privacy['target_epsilon']:g})")
+    else:
+        print("\nno DP")
+    print(json.dumps({"run_dir": str(run_dir_of(cfg)), "seconds": report["seconds"]}))
+    return 0

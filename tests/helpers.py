@@ -1,0 +1,117 @@
+"""Shared builders for the unit tests: a tiny three-level model, records, a small
+population on disk, and Flower messages built by hand (no SuperLink, no Grid)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message, Metadata, RecordDict
+from peft import PeftModel
+
+from server.checkpoint import ServerState
+from server.strategy import train_content
+from shared.adapters import attach_levels, level_state, lora_config
+from shared.config import RunConfig
+from shared.model import load_base_model, tiny_tokenizer
+from shared.runtime import get_runtime
+from shared.userdata import Population, Profile, Record, UserData, write_population
+from shared.wire import KEY_CONFIG, KEY_ROUND, round_record, run_config_record
+
+TARGETS = ("q_proj", "v_proj")
+RANK = 4
+PERSONAS = ("a", "b")
+
+# Records of clearly different lengths (and one with a prompt), so padding and the
+# per-record token mean are exercised.
+RECORDS = (
+    Record("hello there"),
+    Record("a much longer record with many more words in it than the others"),
+    Record("bye now", prompt="say goodbye:"),
+    Record("xyz abc def"),
+)
+
+_WORDS = ("the quick brown fox jumps over a lazy dog while the king and queen speak of "
+          "love war and fortune").split()
+
+
+def tiny_peft(seed: int = 0) -> PeftModel:
+    """The tiny Llama with the three frozen LoRA levels attached (B = 0 everywhere)."""
+    return attach_levels(load_base_model("tiny", seed=seed), tiny_lora(), seed=seed)
+
+
+def tiny_lora():
+    """The LoRA config of :func:`tiny_peft` (and of :func:`small_config` runs)."""
+    return lora_config(rank=RANK, alpha=2.0 * RANK, targets=TARGETS, base_model_name="tiny")
+
+
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def randomize_level(model: PeftModel, level: str, *, scale: float, seed: int) -> dict:
+    """A state for ``level`` with every tensor drawn at random (A and B)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(v.shape, generator=generator)
+            for k, v in level_state(model, level).items()}
+
+
+def text_records(n: int, offset: int = 0) -> tuple[Record, ...]:
+    """``n`` short text records of varying length (3 to 9 words)."""
+    return tuple(Record(" ".join(_WORDS[(offset + i + j) % len(_WORDS)]
+                                 for j in range(3 + (i % 7))))
+                 for i in range(n))
+
+
+def write_small_population(root: Path, *, num_train: int = 20, num_test: int = 4) -> Population:
+    """Three training users: u1 and u3 in persona ``a``, u2 in ``b``."""
+    users = []
+    for index, (user_id, persona) in enumerate((("u1", "a"), ("u2", "b"), ("u3", "a"))):
+        train = text_records(num_train, offset=5 * index)
+        test = text_records(num_test, offset=5 * index + 1)
+        users.append(("train", UserData(Profile(user_id, persona), train, test)))
+    return write_population(root, users, {"personas": list(PERSONAS)})
+
+
+def small_config(tmp_path: Path, **changes) -> RunConfig:
+    """A fast tiny-model run over :func:`write_small_population` at ``tmp_path / 'pop'``."""
+    data_dir = tmp_path / "pop"
+    if not data_dir.exists():
+        write_small_population(data_dir)
+    settings = dict(model="tiny", data_dir=str(data_dir), max_users=0, local_steps=2,
+                    user_steps=1, batch_size=4, seq_len=32, run_dir=str(tmp_path / "run"),
+                    device="cpu", lora_rank=RANK, lora_alpha=2.0 * RANK)
+    settings.update(changes)
+    return RunConfig(**settings)
+
+
+def initial_server_state(cfg: RunConfig) -> ServerState:
+    initial = get_runtime(cfg).initial
+    return ServerState(round=0, global_state=dict(initial["global"]),
+                       persona_states={p: dict(initial["persona"]) for p in PERSONAS})
+
+
+def instruction(content: RecordDict, message_type: str, *, dst_node_id: int = 1,
+                src_node_id: int = 0, message_id: str = "msg-1") -> Message:
+    """A server -> client message with explicit metadata (what the SuperLink would stamp)."""
+    metadata = Metadata(run_id=1, message_id=message_id, src_node_id=src_node_id,
+                        dst_node_id=dst_node_id, reply_to_message_id="", group_id="",
+                        created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content, metadata=metadata)
+
+
+def round_message(cfg: RunConfig, state: ServerState, persona: str | None, message_type: str,
+                  *, server_round: int = 1,
+                  personas: Sequence[str] = PERSONAS) -> Message:
+    """What the ServerApp sends a client: adapters, run config and round info."""
+    content = train_content(state, persona, cfg.lora_scheme)
+    content[KEY_CONFIG] = run_config_record(cfg)
+    content[KEY_ROUND] = round_record(server_round, tuple(personas))
+    return instruction(content, message_type)
+
+
+def node_context(partition_id: int = 0) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": partition_id},
+                   state=RecordDict(), run_config={})

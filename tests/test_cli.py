@@ -1,0 +1,76 @@
+"""The fedpersona command: user errors are one line and a non-zero exit code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simulations.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})},
+                          timeout=300)
+
+
+def test_data_shakespeare_writes_population_and_summary(tmp_path):
+    out = tmp_path / "pop"
+
+    result = run_cli("data", "shakespeare", "--out", str(out), "--tokenizer", "tiny",
+                     "min-records=60")
+
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "population.json").read_text())
+    assert len(manifest["users"]) == 149
+    assert "| total" in result.stdout and "train tokens" in result.stdout
+    assert (out / "users" / "hamlet--hamlet" / "data.jsonl").is_file()
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "pop"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    code = main(["data", "shakespeare", "--out", str(out), "--tokenizer", "tiny"])
+
+    assert code == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["simulate", "num-rounds=zero"], "num-rounds must be an integer"),
+    (["simulate", "no-such-setting=1"], "unknown setting 'no-such-setting'"),
+    (["simulate", "model=/no/such/model"], "neither 'smollm2', 'tiny' nor"),
+    (["simulate", "data-dir=/no/such/dir"], "data directory does not exist"),
+    (["simulate", "justaword"], "not of the form key=value"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
+    code = main([*args, "model=tiny"] if "model=" not in " ".join(args) else args)
+
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert message in err
+    assert len(err.splitlines()) == 1 and err.startswith("fedpersona: error:")
+
+
+def test_malformed_user_data_fails_the_simulation_cleanly(tmp_path, capsys):
+    pop = tmp_path / "pop"
+    assert main(["data", "shakespeare", "--out", str(pop), "--tokenizer", "tiny",
+                 "min-records=150"]) == 0
+    manifest = json.loads((pop / "population.json").read_text())
+    victim = next(u["user_id"] for u in manifest["users"] if u["role"] == "train")
+    (pop / "users" / victim / "data.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    capsys.readouterr()
+
+    code = main(["simulate", "--out", str(tmp_path / "run"), f"data-dir={pop}", "model=tiny",
+                 "num-rounds=1", "max-users=0", f"clients-per-round=1000"])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"{victim}/data.jsonl:2: malformed JSON" in err

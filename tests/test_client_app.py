@@ -1,0 +1,230 @@
+"""The ClientApp handlers (client.client_app), called directly with a hand-built Context and
+Message on the tiny model and a three-user population on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import MessageType
+from helpers import initial_server_state, node_context, round_message, small_config
+
+from client.client_app import evaluate, query, train
+from client.store import DeviceStore
+from server.strategy import sent_part
+from shared.config import ConfigError
+from shared.federation import load_run_population
+from shared.runtime import get_runtime
+from shared.wire import EVAL_LEVELS, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+
+
+def _user_dir(cfg, user_id: str = "u1"):
+    return load_run_population(cfg).user_dir(user_id)
+
+
+def _train(cfg, persona="a", *, partition=0, server_round=1, personas=("a", "b")):
+    state = initial_server_state(cfg)
+    msg = round_message(cfg, state, persona, MessageType.TRAIN, server_round=server_round,
+                        personas=personas)
+    return train(msg, node_context(partition))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One training round of user u1 (persona "a"); read-only for the tests that share it."""
+    cfg = small_config(tmp_path_factory.mktemp("trained"))
+    return cfg, _train(cfg)
+
+
+# -- train ---------------------------------------------------------------------------------
+
+def test_train_reply_holds_only_released_b_tensors_and_metrics(trained):
+    # Arrange / Act (the fixture trains)
+    cfg, reply = trained
+    sent = sent_part(get_runtime(cfg).initial["global"], cfg.lora_scheme)
+
+    # Assert
+    content = reply.content
+    assert set(content.keys()) == {KEY_GLOBAL, KEY_PERSONA, KEY_METRICS}
+    for name in (KEY_GLOBAL, KEY_PERSONA):
+        record = content.array_records[name]
+        assert set(record.keys()) == set(sent)
+        assert all("lora_B" in key for key in record)
+        assert all(array.dtype == "float32" for array in record.values())
+        assert all(tuple(array.shape) == tuple(sent[k].shape) for k, array in record.items())
+        state = record.to_torch_state_dict()
+        assert any(not torch.equal(state[k], sent[k]) for k in sent)  # trained, not echoed
+    assert reply.metadata.reply_to_message_id == "msg-1"
+
+
+def test_train_metrics_and_ledger_on_disk(trained):
+    # Arrange / Act (the fixture trains)
+    cfg, reply = trained
+    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    metrics = reply.content.metric_records[KEY_METRICS]
+
+    # Assert
+    assert metrics["num-examples"] == 20
+    assert metrics["declined"] == 0 and metrics["dp"] == 1
+    assert metrics["persona-index"] == 0 and metrics["user-index"] == 0
+    assert metrics["steps"] == 2
+    assert 0 < metrics["epsilon"] < math.inf
+    assert store.ledger_path.is_file()
+    on_disk = json.loads(store.ledger_path.read_text())
+    assert on_disk["history"] == [[cfg.noise_multiplier, 0.2, 2]]
+    assert on_disk["epsilon"] == pytest.approx(metrics["epsilon"])
+    user = store.load_user_adapter()  # saved on the device ...
+    assert user is not None
+    for name in (KEY_GLOBAL, KEY_PERSONA):  # ... and not what was sent
+        sent = reply.content.array_records[name].to_torch_state_dict()
+        assert all(not torch.equal(sent[k], user[k]) for k in sent)
+
+
+def test_epsilon_composes_over_rounds(tmp_path):
+    # Arrange
+    cfg = small_config(tmp_path)
+
+    # Act
+    first = _train(cfg, server_round=1).content.metric_records[KEY_METRICS]["epsilon"]
+    second = _train(cfg, server_round=2).content.metric_records[KEY_METRICS]["epsilon"]
+
+    # Assert
+    ledger = DeviceStore(_user_dir(cfg), cfg.federation_key).load_ledger(
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
+    assert second > first > 0
+    assert ledger.rounds == 2 and len(ledger.history) == 2
+    assert ledger.epsilon == pytest.approx(second)
+
+
+def test_train_declines_past_the_budget(tmp_path):
+    # Arrange
+    cfg = small_config(tmp_path, target_epsilon=0.01)
+    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+
+    # Act
+    reply = _train(cfg)
+
+    # Assert
+    content = reply.content
+    assert set(content.keys()) == {KEY_METRICS}
+    assert len(content.array_records) == 0
+    metrics = content.metric_records[KEY_METRICS]
+    assert metrics["declined"] == 1
+    assert metrics["epsilon"] == 0.0
+    assert store.load_user_adapter() is None  # nothing trained
+
+
+def test_train_without_persona_sends_global_only(tmp_path):
+    # Arrange: u1's persona "a" is not among this run's personas
+    cfg = small_config(tmp_path)
+
+    # Act
+    reply = _train(cfg, persona=None, personas=("b",))
+
+    # Assert
+    assert set(reply.content.keys()) == {KEY_GLOBAL, KEY_METRICS}
+    assert reply.content.metric_records[KEY_METRICS]["persona-index"] == -1
+
+
+def test_train_without_dp_reports_no_epsilon(tmp_path):
+    cfg = small_config(tmp_path, dp=False)
+
+    metrics = _train(cfg).content.metric_records[KEY_METRICS]
+
+    assert metrics["dp"] == 0 and metrics["epsilon"] == -1.0 and metrics["declined"] == 0
+    ledger = DeviceStore(_user_dir(cfg), cfg.federation_key).load_ledger(
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
+    assert ledger.history == [] and ledger.rounds == 1
+
+
+# What may leave the device beside the DP-trained adapters: public counts and settings,
+# and the accountant's epsilon (threat model: "everything that leaves a device is computed
+# only from DP-SGD steps and public values").
+PUBLIC_TRAIN_METRICS = {"num-examples", "persona-index", "user-index", "dp", "declined",
+                        "steps", "epsilon"}
+
+
+def test_train_metrics_hold_only_public_values(trained):
+    _, reply = trained
+
+    metrics = reply.content.metric_records[KEY_METRICS]
+
+    assert set(metrics) <= PUBLIC_TRAIN_METRICS
+
+
+def test_zero_local_steps_is_rejected_or_handled(tmp_path):
+    try:
+        cfg = small_config(tmp_path, local_steps=0)
+    except ConfigError:
+        return  # a fix that forbids the setting is fine too
+
+    reply = _train(cfg)
+
+    assert reply.content.metric_records[KEY_METRICS]["declined"] in (0, 1)
+
+
+# -- query ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("partition", "persona_index"), [(0, 0), (1, 1), (2, 0)])
+def test_query_reports_the_persona_index(tmp_path, partition, persona_index):
+    cfg = small_config(tmp_path)
+    msg = round_message(cfg, initial_server_state(cfg), None, MessageType.QUERY,
+                        server_round=0)
+
+    reply = query(msg, node_context(partition))
+
+    metrics = reply.content.metric_records[KEY_METRICS]
+    assert metrics["persona-index"] == persona_index
+    assert metrics["user-index"] == partition
+    assert metrics["num-examples"] == 20
+    assert set(reply.content.keys()) == {KEY_METRICS}
+
+
+def test_query_rejects_a_partition_beyond_the_population(tmp_path):
+    cfg = small_config(tmp_path)
+    msg = round_message(cfg, initial_server_state(cfg), None, MessageType.QUERY)
+
+    with pytest.raises(ValueError, match="partition-id 3"):
+        query(msg, node_context(3))
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+
+def _evaluate(cfg):
+    msg = round_message(cfg, initial_server_state(cfg), "a", MessageType.EVALUATE)
+    return evaluate(msg, node_context(0)).content.metric_records[KEY_METRICS]
+
+
+def test_evaluate_reports_every_level_and_initial_adapters_change_nothing(tmp_path):
+    # Arrange
+    cfg = small_config(tmp_path)
+
+    # Act
+    metrics = _evaluate(cfg)
+
+    # Assert
+    assert metrics["num-examples"] == 4
+    for level in EVAL_LEVELS:
+        assert metrics[f"{level}/tokens"] > 0
+        assert 0 <= metrics[f"{level}/correct"] <= metrics[f"{level}/tokens"]
+        assert math.isfinite(metrics[f"{level}/nll-sum"]) and metrics[f"{level}/nll-sum"] > 0
+    # B = 0 at initialisation: no adapter level changes the base model's output
+    for level in ("global", "global+persona", "global+persona+user"):
+        assert metrics[f"{level}/nll-sum"] == pytest.approx(metrics["base/nll-sum"],
+                                                            rel=1e-6, abs=1e-6)
+        assert metrics[f"{level}/tokens"] == metrics["base/tokens"]
+
+
+def test_evaluate_uses_the_saved_user_adapter(trained):
+    # Arrange: the training round saved a user adapter on the device
+    cfg, _ = trained
+
+    # Act
+    metrics = _evaluate(cfg)
+
+    # Assert: the server sent initial released adapters, so only the user level differs
+    assert metrics["global+persona/nll-sum"] == pytest.approx(metrics["base/nll-sum"], rel=1e-6)
+    assert metrics["global+persona+user/nll-sum"] != pytest.approx(metrics["base/nll-sum"],
+                                                                   rel=1e-6)

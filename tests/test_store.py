@@ -1,0 +1,209 @@
+"""The on-device store (client.store) and the privacy ledger it persists (shared.privacy)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import randomize_level, tiny_lora, tiny_peft
+
+from client.store import DeviceStore, LedgerError
+from shared.adapters import AdapterFormatError, level_state, load_level
+from shared.config import RunConfig
+from shared.privacy import PrivacyLedger, epsilon
+
+KEY = "federation-1"
+DELTA = 1e-5
+ENTRY = (1.0, 0.2, 2)  # sigma, q, steps: epsilon about 3.45 at delta 1e-5
+
+
+@pytest.fixture
+def store(tmp_path):
+    return DeviceStore(tmp_path / "user", KEY)
+
+
+def _spent_ledger(entries=(ENTRY, (1.2, 0.1, 4))) -> PrivacyLedger:
+    ledger = PrivacyLedger(target_epsilon=8.0, target_delta=DELTA)
+    for entry in entries:
+        ledger.record(entry)
+    return ledger
+
+
+# -- ledger persistence ------------------------------------------------------------------------
+
+def test_fresh_store_gives_an_empty_ledger(store):
+    ledger = store.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+
+    assert ledger.history == [] and ledger.rounds == 0 and ledger.epsilon == 0.0
+    assert not store.ledger_path.exists()
+
+
+def test_ledger_persists_across_store_instances(tmp_path):
+    # Arrange
+    ledger = _spent_ledger()
+    DeviceStore(tmp_path / "user", KEY).save_ledger(ledger)
+
+    # Act
+    loaded = DeviceStore(tmp_path / "user", KEY).load_ledger(target_epsilon=8.0,
+                                                             target_delta=DELTA)
+
+    # Assert
+    assert loaded.history == [(1.0, 0.2, 2), (1.2, 0.1, 4)]
+    assert loaded.rounds == 2
+    assert loaded.epsilon == ledger.epsilon > 0
+    assert loaded.epsilon == epsilon(ledger.history, delta=DELTA)
+    on_disk = json.loads(DeviceStore(tmp_path / "user", KEY).ledger_path.read_text())
+    assert on_disk["accountant"] == "rdp" and on_disk["epsilon"] == pytest.approx(ledger.epsilon)
+
+
+def test_loading_may_tighten_but_not_loosen_the_budget(store):
+    store.save_ledger(PrivacyLedger(target_epsilon=4.0, target_delta=DELTA))
+
+    assert store.load_ledger(target_epsilon=2.0, target_delta=DELTA).target_epsilon == 2.0
+    assert store.load_ledger(target_epsilon=9.0, target_delta=DELTA).target_epsilon == 4.0
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    "",
+    json.dumps({"target_epsilon": 8.0, "history": []}),  # no delta
+    json.dumps({"target_epsilon": 8.0, "target_delta": 1e-5, "history": [[1.0, 0.2]]}),
+    json.dumps([1, 2, 3]),
+    "null",
+    json.dumps("ledger"),
+])
+def test_corrupt_ledger_raises(store, content):
+    # Arrange
+    store.ledger_path.parent.mkdir(parents=True)
+    store.ledger_path.write_text(content)
+
+    # Act / Assert
+    with pytest.raises(LedgerError, match="unreadable privacy ledger"):
+        store.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+
+
+def test_changing_delta_raises(store):
+    store.save_ledger(_spent_ledger())
+
+    with pytest.raises(LedgerError, match="delta"):
+        store.load_ledger(target_epsilon=8.0, target_delta=1e-6)
+
+
+def test_ledger_write_leaves_no_staging_files(store):
+    store.save_ledger(_spent_ledger())
+    store.save_ledger(_spent_ledger([ENTRY]))
+
+    assert sorted(p.name for p in store.root.iterdir()) == ["ledger.json"]
+
+
+# -- the budget ----------------------------------------------------------------------------------
+
+def test_budget_refuses_an_entry_that_passes_the_target():
+    # Arrange
+    ledger = PrivacyLedger(target_epsilon=4.0, target_delta=DELTA)
+    one = ledger.epsilon_after(ENTRY)
+    assert 3.0 < one < 4.0  # about 3.45; two such runs compose to about 4.24
+
+    # Act
+    affordable_first = ledger.can_afford(ENTRY)
+    ledger.record(ENTRY)
+    affordable_second = ledger.can_afford(ENTRY)
+
+    # Assert
+    assert affordable_first
+    assert ledger.epsilon == pytest.approx(one)
+    assert ledger.epsilon_after(ENTRY) > 4.0
+    assert not affordable_second
+    assert not PrivacyLedger(target_epsilon=0.01, target_delta=DELTA).can_afford(ENTRY)
+
+
+def test_epsilon_never_decreases_as_entries_compose():
+    ledger = PrivacyLedger(target_epsilon=100.0, target_delta=DELTA)
+    spent = [ledger.epsilon]
+    for entry in [ENTRY, (2.0, 0.05, 10), (1.0, 0.2, 0), (0.8, 0.5, 1)]:
+        ledger.record(entry)
+        spent.append(ledger.epsilon)
+
+    assert all(b >= a for a, b in zip(spent, spent[1:]))
+    assert spent[3] == spent[2]  # a zero-step run spends nothing
+    assert ledger.rounds == 4 and len(ledger.history) == 3
+
+
+@pytest.mark.parametrize("entry", [(0.0, 0.2, 1), (1.0, 0.0, 1), (1.0, 1.5, 1),
+                                   (1.0, 0.2, -1), (math.inf, 0.2, 1), (math.nan, 0.2, 1)])
+def test_ledger_rejects_invalid_entries(entry):
+    ledger = PrivacyLedger(target_epsilon=8.0, target_delta=DELTA)
+
+    with pytest.raises(ValueError, match="invalid accountant entry"):
+        ledger.record(entry)
+    assert ledger.history == [] and ledger.rounds == 0
+
+
+# -- the user adapter --------------------------------------------------------------------------
+
+def test_user_adapter_round_trip(store):
+    # Arrange
+    model = tiny_peft()
+    load_level(model, "user", randomize_level(model, "user", scale=0.3, seed=1))
+    state = level_state(model, "user")
+
+    # Act
+    assert store.load_user_adapter() is None
+    store.save_user_adapter(state, tiny_lora())
+    loaded = store.load_user_adapter()
+
+    # Assert
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert (store.user_adapter_path / "adapter_config.json").is_file()
+
+
+def test_user_adapter_overwrite_keeps_only_the_new_one(store):
+    model = tiny_peft()
+    first = randomize_level(model, "user", scale=0.3, seed=1)
+    second = randomize_level(model, "user", scale=0.3, seed=2)
+
+    store.save_user_adapter(first, tiny_lora())
+    store.save_user_adapter(second, tiny_lora())
+
+    loaded = store.load_user_adapter()
+    assert all(torch.equal(loaded[k], second[k]) for k in second)
+    assert sorted(p.name for p in store.root.iterdir()) == ["user_adapter"]
+
+
+def test_corrupt_user_adapter_raises(store):
+    store.save_user_adapter(randomize_level(tiny_peft(), "user", scale=0.3, seed=1), tiny_lora())
+    (store.user_adapter_path / "adapter_model.safetensors").write_bytes(b"garbage")
+
+    with pytest.raises(AdapterFormatError, match="corrupt"):
+        store.load_user_adapter()
+
+
+# -- isolation between federations ---------------------------------------------------------------
+
+def test_federation_keys_are_isolated(tmp_path):
+    # Arrange
+    one = DeviceStore(tmp_path / "user", "key-one")
+    other = DeviceStore(tmp_path / "user", "key-two")
+    one.save_ledger(_spent_ledger())
+    one.save_user_adapter(randomize_level(tiny_peft(), "user", scale=0.3, seed=1), tiny_lora())
+
+    # Act
+    ledger = other.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+    adapter = other.load_user_adapter()
+
+    # Assert
+    assert ledger.history == [] and ledger.epsilon == 0.0
+    assert adapter is None
+    assert one.load_ledger(target_epsilon=8.0, target_delta=DELTA).history
+
+
+def test_federation_key_depends_on_run_dir_and_adapter_shape():
+    base = RunConfig(model="tiny", run_dir="/runs/one")
+
+    assert base.federation_key == RunConfig(model="tiny", run_dir="/runs/one").federation_key
+    assert base.federation_key != base.replace(run_dir="/runs/two").federation_key
+    assert base.federation_key != base.replace(lora_rank=4).federation_key
+    assert base.federation_key == base.replace(num_rounds=99).federation_key

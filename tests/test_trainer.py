@@ -1,0 +1,263 @@
+"""DP-SGD on the released adapters (client.trainer): Opacus does what the accounting assumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import RECORDS, randomize_level, tiny_peft, tokenizer
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from client.trainer import (
+    DPSettings,
+    DPTrainingError,
+    _check_grad_samples,
+    _check_moved,
+    poisson_batch,
+    sample_rate,
+    train_released,
+    train_user,
+)
+from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
+from shared.lm import encode_records, per_record_loss
+
+SEQ_LEN = 32
+DP = DPSettings(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.fixture
+def model():
+    return tiny_peft()
+
+
+@pytest.fixture
+def data():
+    return encode_records(RECORDS, tokenizer(), SEQ_LEN)
+
+
+def _nonzero_released(model) -> None:
+    """Give the released levels non-zero B so every gradient path is exercised."""
+    for seed, level in enumerate(RELEASED_LEVELS):
+        state = {k: v for k, v in randomize_level(model, level, scale=0.05, seed=seed).items()
+                 if "lora_B" in k}
+        load_level(model, level, state)
+
+
+def _per_record_grads(model, params, data) -> list[list[torch.Tensor]]:
+    """Gradient of each record's loss, that record alone in its batch, on the plain model."""
+    grads = []
+    for i in range(len(data)):
+        loss = per_record_loss(model, data.select(torch.tensor([i]))).mean()
+        grads.append([g.detach() for g in torch.autograd.grad(loss, params)])
+    return grads
+
+
+def _states(model) -> dict[str, dict[str, torch.Tensor]]:
+    return {level: level_state(model, level) for level in LEVELS}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- Opacus per-sample gradients and clipping ------------------------------------------------
+
+def test_grad_sample_equals_each_records_own_gradient(model, data):
+    # Arrange
+    _nonzero_released(model)
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    expected = _per_record_grads(model, params, data)
+    module = GradSampleModule(model, loss_reduction="mean")
+    batch = data.select(torch.arange(len(data)))
+
+    # Act
+    per_record_loss(module, batch).mean().backward()
+
+    # Assert: with loss_reduction="mean" Opacus rescales by the batch size itself, so
+    # grad_sample[i] is the gradient of record i's own loss (not 1/B of it).
+    try:
+        for j, p in enumerate(params):
+            assert p.grad_sample.shape == (len(data), *p.shape)
+            for i in range(len(data)):
+                torch.testing.assert_close(p.grad_sample[i], expected[i][j],
+                                           rtol=1e-4, atol=1e-7)
+    finally:
+        module.to_standard_module()
+
+
+def test_dp_optimizer_applies_mean_of_clipped_per_record_gradients(model, data):
+    # Arrange
+    _nonzero_released(model)
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    per_record = _per_record_grads(model, params, data)
+    norms = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+                         for grads in per_record])  # joint norm over all trainable params
+    max_grad_norm = float(norms.median())  # some records clipped, some not
+    assert (norms > max_grad_norm).any() and (norms < max_grad_norm).any()
+    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    expected = [sum(float(factors[i]) * per_record[i][j].double() for i in range(len(data)))
+                / len(data) for j in range(len(params))]
+    before = [p.detach().clone() for p in params]
+    module = GradSampleModule(model, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0,
+                            max_grad_norm=max_grad_norm, expected_batch_size=len(data))
+
+    # Act
+    try:
+        per_record_loss(module, data.select(torch.arange(len(data)))).mean().backward()
+        optimizer.step()
+    finally:
+        optimizer.zero_grad()
+        module.to_standard_module()
+
+    # Assert: SGD with lr=1 moved each parameter by minus the clipped mean
+    for p, p0, g in zip(params, before, expected):
+        torch.testing.assert_close((p0 - p.detach()).double(), g, rtol=1e-4, atol=1e-8)
+
+
+def test_wrapping_before_trainable_set_is_fixed_is_caught(model, data):
+    # Arrange: opacus#820 — wrap first, choose the trainable set after
+    activate(model, RELEASED_LEVELS)  # nothing trainable yet
+    module = GradSampleModule(model, loss_reduction="mean")
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+
+    # Act
+    try:
+        per_record_loss(module, data.select(torch.arange(len(data)))).mean().backward()
+
+        # Assert: plain gradients flowed, per-sample ones did not, and the guard refuses
+        assert all(p.grad is not None for p in params)
+        assert all(getattr(p, "grad_sample", None) is None for p in params)
+        with pytest.raises(DPTrainingError, match="opacus#820"):
+            _check_grad_samples(params, len(data))
+    finally:
+        module.to_standard_module()
+
+
+def test_check_grad_samples_rejects_wrong_batch_dimension(model):
+    # Arrange
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    for p in params:
+        p.grad_sample = torch.zeros(3, *p.shape)
+
+    # Act / Assert
+    _check_grad_samples(params, 3)
+    with pytest.raises(DPTrainingError):
+        _check_grad_samples(params, 4)
+
+
+def test_check_moved_raises_when_nothing_changed(model):
+    # Arrange
+    before = level_state(model, "global", scheme="ffa")
+    moved = {k: v.clone() for k, v in before.items()}
+    first = next(iter(moved))
+    moved[first] = moved[first] + 1e-3
+
+    # Act / Assert
+    with pytest.raises(DPTrainingError, match="global adapter did not change"):
+        _check_moved(before, {k: v.clone() for k, v in before.items()}, "global")
+    _check_moved(before, moved, "global")  # one tensor moved is enough
+
+
+# -- train_released / train_user ---------------------------------------------------------------
+
+def test_train_released_moves_released_b_only_and_leaves_user_level(model, data):
+    # Arrange
+    load_level(model, "user", randomize_level(model, "user", scale=0.1, seed=7))
+    before = _states(model)
+
+    # Act
+    result = train_released(model, data, steps=3, batch_size=2, lr=0.01, dp=DP, scheme="ffa",
+                            generator=torch.Generator().manual_seed(0))
+
+    # Assert
+    after = _states(model)
+    for level in RELEASED_LEVELS:
+        b_keys = [k for k in before[level] if "lora_B" in k]
+        a_keys = [k for k in before[level] if "lora_A" in k]
+        assert all(not torch.equal(before[level][k], after[level][k]) for k in b_keys)
+        assert all(torch.equal(before[level][k], after[level][k]) for k in a_keys)  # FFA: A frozen
+    assert _equal(before["user"], after["user"])
+    assert result.accountant_entry == (1.0, 0.5, 3)
+    assert result.steps == 3 and result.sample_rate == 0.5
+    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None
+               for p in model.parameters())  # the Opacus wrapper is gone
+
+
+def test_released_training_ignores_the_user_adapter(data):
+    # Arrange: two identical models, one with a large user adapter loaded
+    plain, loaded = tiny_peft(), tiny_peft()
+    big_user = randomize_level(loaded, "user", scale=5.0, seed=3)
+    load_level(loaded, "user", big_user)
+    activate(loaded, LEVELS)
+    probe = data.select(torch.arange(len(data)))
+    with torch.no_grad():  # the test has teeth: once active, this user adapter changes outputs
+        assert not torch.allclose(per_record_loss(plain, probe), per_record_loss(loaded, probe))
+
+    # Act
+    for model in (plain, loaded):
+        train_released(model, data, steps=3, batch_size=2, lr=0.01, dp=DP, scheme="ffa",
+                       generator=torch.Generator().manual_seed(11))
+
+    # Assert
+    for level in RELEASED_LEVELS:
+        assert _equal(level_state(plain, level), level_state(loaded, level))
+    assert _equal(level_state(loaded, "user"), big_user)
+
+
+def test_train_user_changes_only_the_user_level(model, data):
+    # Arrange
+    _nonzero_released(model)
+    before = _states(model)
+
+    # Act
+    loss = train_user(model, data, steps=2, batch_size=2, lr=0.01, scheme="ffa",
+                      generator=torch.Generator().manual_seed(0))
+
+    # Assert
+    after = _states(model)
+    assert loss == loss  # not NaN
+    for level in RELEASED_LEVELS:
+        assert _equal(before[level], after[level])
+    changed = [k for k in before["user"] if not torch.equal(before["user"][k], after["user"][k])]
+    assert any("lora_B" in k for k in changed)
+    assert model.base_model.active_adapters == list(RELEASED_LEVELS)  # user inactive again
+
+
+def test_train_user_with_zero_steps_is_a_no_op(model, data):
+    before = _states(model)
+
+    loss = train_user(model, data, steps=0, batch_size=2, lr=0.01, scheme="ffa",
+                      generator=torch.Generator().manual_seed(0))
+
+    assert loss != loss  # NaN
+    assert all(_equal(before[level], state) for level, state in _states(model).items())
+
+
+# -- Poisson sampling ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("batch_size", "num_records", "expected"),
+                         [(8, 40, 0.2), (4, 4, 1.0), (8, 3, 1.0), (8, 0, 1.0)])
+def test_sample_rate(batch_size, num_records, expected):
+    assert sample_rate(batch_size, num_records) == expected
+
+
+def test_poisson_batch_is_reproducible_and_has_the_right_mean_size():
+    # Arrange
+    n, rate, draws = 40, 0.2, 4000
+
+    # Act
+    first = [poisson_batch(n, rate, torch.Generator().manual_seed(5)) for _ in range(2)]
+    generator = torch.Generator().manual_seed(6)
+    batches = [poisson_batch(n, rate, generator) for _ in range(draws)]
+
+    # Assert
+    assert torch.equal(first[0], first[1])
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    # mean of 4000 Binomial(40, 0.2): sd of the mean is 2.53 / sqrt(4000) = 0.04
+    assert abs(float(sizes.mean()) - rate * n) < 0.25
+    assert float(sizes.var()) == pytest.approx(n * rate * (1 - rate), rel=0.15)
+    assert len({len(b) for b in batches}) > 5  # sizes vary: not a fixed batch
+    for b in batches[:50]:
+        assert b.dtype == torch.long and len(set(b.tolist())) == len(b)
+        assert all(0 <= i < n for i in b.tolist())
