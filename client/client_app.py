@@ -15,11 +15,18 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.store import DeviceStore
-from client.trainer import DPSettings, sample_rate, train_released, train_user
+from client.trainer import (
+    DPSettings,
+    private_mean_loss,
+    sample_rate,
+    train_released,
+    train_user,
+)
 from shared.adapters import RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import RunConfig
 from shared.federation import load_run_population, training_users
-from shared.lm import encode_records, evaluate_stats
+from shared.lm import encode_records, evaluate_stats, per_record_loss
+from shared.personas import SELECTION_CLIP, noisy_argmin, selection_noise_std
 from shared.records import record_to_state, state_to_record
 from shared.runtime import Runtime, get_runtime
 from shared.userdata import UserData, load_user
@@ -56,28 +63,45 @@ def train(msg: Message, context: Context) -> Message:
     user = load_user(user_dir)
     store = DeviceStore(user_dir, cfg.federation_key)
     ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
-    persona_index = _persona_index(user, info)
     data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
-    metrics = {"num-examples": len(user.train), "persona-index": persona_index,
-               "user-index": user_index, "dp": int(cfg.dp), "declined": 0}
+    clusters = _cluster_states(msg.content)
+    persona_index = _persona_index(user, info)
+    metrics = {"num-examples": len(user.train), "user-index": user_index, "dp": int(cfg.dp),
+               "declined": 0}
+    dp = DPSettings(cfg.dp, cfg.noise_multiplier, cfg.max_grad_norm)
+    rate = sample_rate(cfg.batch_size, len(data))
+    # this round's DP-SGD steps plus the one noisy train-loss release ...
+    entries = [(cfg.noise_multiplier, rate, cfg.local_steps + 1)] if cfg.dp else []
+    # The first discovery round assigns clusters at random (public randomness, like
+    # k-means' random-partition start): it costs no privacy and lets the K clusters
+    # see different data before anyone chooses by loss.
+    random_start = bool(clusters) and int(info["server-round"]) == cfg.discovery_warmup + 1
+    private_choice = bool(clusters) and not random_start and cfg.dp and cfg.selection_noise > 0
+    if private_choice:  # ... plus the private persona choice, when personas are discovered
+        entries.append((cfg.selection_noise, 1.0, 1))
+    if entries and not ledger.can_afford(*entries):
+        # Declining is itself public; what it reveals is the budget, not the data.
+        metrics.update({"declined": 1, "persona-index": persona_index,
+                        "epsilon": ledger.epsilon})
+        return Message(RecordDict({KEY_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    if cfg.dp:
-        entry = (cfg.noise_multiplier, sample_rate(cfg.batch_size, len(data)), cfg.local_steps)
-        if not ledger.can_afford(entry):
-            # Declining is itself public; what it reveals is the budget, not the data.
-            metrics.update({"declined": 1, "epsilon": ledger.epsilon})
-            return Message(RecordDict({KEY_METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    _load_levels(runtime, msg.content, persona_index, store)
     generator = torch.Generator().manual_seed(_seed(cfg, int(info["server-round"]), user))
-    result = train_released(
-        runtime.model, data, steps=cfg.local_steps, batch_size=cfg.batch_size,
-        lr=cfg.learning_rate, scheme=cfg.lora_scheme, generator=generator,
-        dp=DPSettings(cfg.dp, cfg.noise_multiplier, cfg.max_grad_norm))
-    if result.accountant_entry is not None:
-        ledger.record(result.accountant_entry)
-    else:
-        ledger.rounds += 1
+    _load_levels(runtime, msg.content, persona_index, store)
+    if clusters:
+        persona_index = (_seed(cfg, -1, user) % len(clusters) if random_start else
+                         choose_cluster(runtime, clusters, user, cfg, generator,
+                                        private=private_choice))
+        load_level(runtime.model, "persona", clusters[persona_index])
+        store.save_state({**store.load_state(), "cluster": persona_index})
+        metrics["selection-private"] = int(private_choice or random_start)
+    metrics["persona-index"] = persona_index
+    levels = RELEASED_LEVELS if persona_index >= 0 else ("global",)
+    result = train_released(runtime.model, data, steps=cfg.local_steps,
+                            batch_size=cfg.batch_size, lr=cfg.learning_rate, dp=dp,
+                            scheme=cfg.lora_scheme, generator=generator, levels=levels)
+    train_loss, _ = private_mean_loss(runtime.model, data, rate=rate, dp=dp,
+                                      generator=generator)
+    ledger.record(*entries)
     store.save_ledger(ledger)  # spent before anything leaves the device
 
     reply = RecordDict({KEY_GLOBAL: state_to_record(
@@ -90,18 +114,50 @@ def train(msg: Message, context: Context) -> Message:
                            generator=generator)
     if cfg.user_steps:
         store.save_user_adapter(level_state(runtime.model, "user"), runtime.lora)
-    # Only public or accounted numbers leave: the losses were computed on raw
-    # batches (and the user loss without DP), so they stay in the device's log.
-    log.info("user %s round %s: DP train loss %.4f, user loss %.4f", user.profile.user_id,
+    # Only public or accounted numbers leave: the per-step losses were computed on raw
+    # batches (and the user loss without DP), so they stay in the device's log; the
+    # reported train loss is the noisy release accounted above.
+    log.info("user %s round %s: DP-step loss %.4f, user loss %.4f", user.profile.user_id,
              info["server-round"], result.train_loss, user_loss)
-    metrics.update({"steps": result.steps, "epsilon": ledger.epsilon if cfg.dp else -1.0})
+    metrics.update({"steps": result.steps, "train-loss": train_loss,
+                    "epsilon": ledger.epsilon if cfg.dp else -1.0})
     reply[KEY_METRICS] = MetricRecord(metrics)
     return Message(reply, reply_to=msg)
 
 
+def choose_cluster(runtime: Runtime, clusters: list[dict], user: UserData, cfg: RunConfig,
+                   generator: torch.Generator, *, private: bool) -> int:
+    """IFCA's assignment step on the device: the persona with the lowest (noisy) loss.
+
+    Scored on the first ``selection-records`` records (a fixed, data-independent
+    choice of rows), per-record losses clipped (see :mod:`shared.personas`)."""
+    m = min(cfg.selection_records, len(user.train))
+    data = encode_records(user.train[:m], runtime.tokenizer, cfg.seq_len)
+    losses = []
+    with torch.no_grad():
+        activate(runtime.model, RELEASED_LEVELS)
+        for state in clusters:
+            load_level(runtime.model, "persona", state)
+            per_record = per_record_loss(runtime.model, data.select(torch.arange(m)))
+            losses.append(float(per_record.clamp(0, SELECTION_CLIP).sum()) / cfg.selection_records)
+    std = selection_noise_std(sigma=cfg.selection_noise, k=len(clusters), clip=SELECTION_CLIP,
+                              m=cfg.selection_records) if private else 0.0
+    return noisy_argmin(losses, noise_std=std, generator=generator)
+
+
+def _cluster_states(content: RecordDict) -> list[dict]:
+    """All K discovered persona adapters, when the server sent them (``persona-0``, ...)."""
+    states = []
+    while f"{KEY_PERSONA}-{len(states)}" in content:
+        states.append(record_to_state(content[f"{KEY_PERSONA}-{len(states)}"]))
+    return states
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Per-user test metrics at each level: base, global, global+persona, +user."""
+    """Per-user test metrics at each level: base, global, global+persona, +user.
+
+    These are measurements for simulations: computed on raw test records, not DP."""
     cfg, info = _setup(msg)
     runtime = get_runtime(cfg)
     user_dir, user_index = resolve_user(context, cfg)
@@ -109,6 +165,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     store = DeviceStore(user_dir, cfg.federation_key)
     persona_index = _persona_index(user, info)
     _load_levels(runtime, msg.content, persona_index, store)
+    clusters = _cluster_states(msg.content)
+    if clusters:  # discovered personas: the user's last choice, else its best fit now
+        persona_index = store.load_state().get("cluster", -1)
+        if not 0 <= persona_index < len(clusters):
+            persona_index = choose_cluster(runtime, clusters, user, cfg, torch.Generator(),
+                                           private=False)
+        load_level(runtime.model, "persona", clusters[persona_index])
     records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
     data = encode_records(records, runtime.tokenizer, cfg.seq_len)
     metrics: dict[str, float | int] = {"user-index": user_index, "persona-index": persona_index,

@@ -57,6 +57,22 @@ class DeviceStore:
     def save_ledger(self, ledger: PrivacyLedger) -> None:
         write_json_atomic(self.ledger_path, ledger.to_json())
 
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def load_state(self) -> dict:
+        """Small on-device facts, e.g. the last discovered persona this user chose."""
+        if not self.state_path.is_file():
+            return {}
+        try:
+            return json.loads(self.state_path.read_text())
+        except json.JSONDecodeError:
+            return {}  # only a cache of choices: a torn file costs a re-choice, no privacy
+
+    def save_state(self, state: dict) -> None:
+        write_json_atomic(self.state_path, state)
+
     def load_user_adapter(self) -> State | None:
         if not self.user_adapter_path.exists():
             return None

@@ -61,12 +61,16 @@ def poisson_batch(num_records: int, rate: float, generator: torch.Generator) -> 
 
 
 def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,
-                   dp: DPSettings, scheme: str, generator: torch.Generator) -> LocalResult:
-    """DP-SGD on global + persona with the user adapter inactive; the model is unwrapped after."""
-    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS, scheme=scheme)
+                   dp: DPSettings, scheme: str, generator: torch.Generator,
+                   levels: tuple[str, ...] = RELEASED_LEVELS) -> LocalResult:
+    """DP-SGD on ``levels`` (global + persona) with the user adapter inactive; the model is
+    unwrapped after. The local-only baseline passes ``levels=("global",)``."""
+    if "user" in levels:
+        raise ValueError("the user adapter never trains with the released levels")
+    params = activate(model, levels, train=levels, scheme=scheme)
     if not params:
         raise DPTrainingError("no trainable adapter parameters: check lora-targets")
-    before = {level: level_state(model, level, scheme=scheme) for level in RELEASED_LEVELS}
+    before = {level: level_state(model, level, scheme=scheme) for level in levels}
     rate = sample_rate(batch_size, len(data))
     losses = []
     model.train()
@@ -98,12 +102,38 @@ def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, 
             optimizer.zero_grad()
             module.to_standard_module()  # removes the hooks; the model is ours again
         model.eval()
-    for level in RELEASED_LEVELS:
+    for level in levels:
         _check_moved(before[level], level_state(model, level, scheme=scheme), level)
     entry = (dp.noise_multiplier, rate, steps) if dp.enabled else None
     return LocalResult(train_loss=sum(losses) / len(losses) if losses else float("nan"),
                        steps=steps, sample_rate=rate, accountant_entry=entry,
                        user_loss=float("nan"))
+
+
+LOSS_CLIP = 10.0  # nats: a record's loss is clipped to [0, LOSS_CLIP] before it is summed
+
+
+@torch.no_grad()
+def private_mean_loss(model, data: EncodedRecords, *, rate: float, dp: DPSettings,
+                      generator: torch.Generator) -> tuple[float, HistoryEntry | None]:
+    """The mean training loss, released through one more subsampled Gaussian mechanism.
+
+    A fresh Poisson batch (rate ``q``), each record's loss clipped to
+    ``[0, LOSS_CLIP]`` (sensitivity ``LOSS_CLIP``), Gaussian noise of std
+    ``noise_multiplier * LOSS_CLIP`` on the sum, divided by the expected batch
+    size ``q n``. That is one DP-SGD-like step for the accountant:
+    ``(noise_multiplier, q, 1)``, which the caller adds to the ledger.
+    Without DP it is the plain mean over a batch.
+    """
+    activate(model, RELEASED_LEVELS)
+    if not dp.enabled:
+        index = torch.randperm(len(data), generator=generator)[:max(1, round(rate * len(data)))]
+        return float(per_record_loss(model, data.select(index)).mean()), None
+    index = poisson_batch(len(data), rate, generator)
+    total = float(per_record_loss(model, data.select(index)).clamp(0, LOSS_CLIP).sum()) \
+        if len(index) else 0.0
+    noise = float(torch.normal(0.0, dp.noise_multiplier * LOSS_CLIP, (1,), generator=generator))
+    return (total + noise) / (rate * len(data)), (dp.noise_multiplier, rate, 1)
 
 
 def train_user(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,

@@ -47,6 +47,7 @@ class ServerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     epsilon_per_user: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    assignments: dict[str, str] = field(default_factory=dict)  # user -> discovered persona
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path:
@@ -67,6 +68,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path
                       str(staging / "optimizer.safetensors"))
         meta = {"round": state.round, "history": state.history,
                 "epsilon_per_user": state.epsilon_per_user, "rejected": state.rejected,
+                "assignments": state.assignments,
                 "personas": sorted(state.persona_states),
                 "optimizer_levels": sorted(state.optimizer)}
         (staging / "state.json").write_text(json.dumps(meta, indent=1))
@@ -102,7 +104,8 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
         persona_states={p: load_adapter_state(snapshot / "persona" / p)
                         for p in meta["personas"]},
         optimizer=optimizer, history=meta["history"],
-        epsilon_per_user=meta["epsilon_per_user"], rejected=meta.get("rejected", []))
+        epsilon_per_user=meta["epsilon_per_user"], rejected=meta.get("rejected", []),
+        assignments=meta.get("assignments", {}))
 
 
 def _publish_adapters(run_dir: Path, state: ServerState, lora: LoraConfig) -> None:

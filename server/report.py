@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import write_text_atomic
+from shared.atomic import write_json_atomic, write_text_atomic
 from shared.metrics import TokenStats, macro_summary
 from shared.tables import markdown_table
 from shared.wire import EVAL_LEVELS
@@ -43,17 +42,22 @@ def privacy_summary(epsilon_per_user: Mapping[str, float], *, dp: bool, delta: f
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     run_dir = Path(run_dir)
-    write_text_atomic(run_dir / "report.json",
-                      json.dumps(_finite(report), indent=1, default=str) + "\n")
+    write_json_atomic(run_dir / "report.json", report, sort_keys=False)
     write_text_atomic(run_dir / "report.md", render_markdown(report))
 
 
-def levels_table(levels: Mapping[str, Any]) -> str:
-    rows = [{"level": name, "users": v["users"],
+def levels_table(levels: Mapping[str, Any], label: str = "level") -> str:
+    rows = [{label: name, "users": v["users"],
              "perplexity": f"{v['perplexity']:.2f} ± {v['perplexity_ci95']:.2f}",
              "token accuracy": f"{v['token_accuracy']:.3f} ± {v['token_accuracy_ci95']:.3f}"}
-            for name, v in levels.items()]
+            for name, v in levels.items() if isinstance(v, Mapping) and "perplexity" in v]
     return markdown_table(rows)
+
+
+COLD_START_TITLES = {
+    "cold_start": "Cold-start users: new characters of plays that took part",
+    "cold_start_held_out_plays": "Cold-start users: characters of held-out plays",
+}
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -66,6 +70,31 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if "levels" in report:
         lines += ["## Test metrics per level (macro over users, ± 95% CI)", "",
                   levels_table(report["levels"]), ""]
+    if "baselines" in report:
+        lines += ["## Baselines", "",
+                  "`local-only`: each user trains alone with the same DP setting and steps; "
+                  "`centralized`: one non-private LoRA on all training data pooled (upper "
+                  "reference).", "", levels_table(report["baselines"], "baseline"), ""]
+    for key, title in COLD_START_TITLES.items():
+        if key in report:
+            cold = report[key]
+            lines += [f"## {title}", "", levels_table(cold, "served by"), ""]
+            if cold.get("kshot_matches_declared") is not None:
+                lines += [f"The k-shot choice picked the declared persona for "
+                          f"{100 * cold['kshot_matches_declared']:.0f}% of these users.", ""]
+    if "discovery" in report:
+        disc = report["discovery"]
+        clusters = sorted({c for row in disc["contingency"].values() for c in row})
+        rows = [{"genre": g, **{c: row.get(c, 0) for c in clusters}}
+                for g, row in disc["contingency"].items()]
+        ari = disc["adjusted_rand_index"]
+        lines += [f"## Discovered personas (IFCA, K = {disc['k']})", "",
+                  f"Adjusted Rand index against the genres: "
+                  f"{ari:.3f} over {disc['users']} users." if ari is not None else
+                  "No user chose a discovered persona.", "",
+                  f"Privacy of the choice: {disc['note']}.", "", markdown_table(rows), ""]
+    for name, path in report.get("plots", {}).items():
+        lines += [f"![{name}]({path})", ""]
     lines += ["## Privacy", ""]
     if privacy["dp"]:
         lines.append(f"Record-level DP-SGD on each device: epsilon_max = "
@@ -79,19 +108,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Rounds", "", markdown_table([
         {"round": r["round"], "clients": r["clients"], "accepted": r["accepted"],
          "declined": r["declined"], "rejected": r["rejected"],
-         "mean update norm": r["update_norm"], "seconds": r["seconds"]}
+         "train loss (DP)": r["train_loss"], "update norm": r["update_norm"],
+         "seconds": r["seconds"]}
         for r in report["rounds"]]), ""]
     if report.get("rejected_updates"):
         lines += ["## Rejected updates", "", markdown_table(report["rejected_updates"]), ""]
     return "\n".join(lines)
-
-
-def _finite(value: Any) -> Any:
-    """NaN and Inf are not JSON: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

@@ -12,10 +12,20 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.report import level_metrics, privacy_summary, write_report
-from server.strategy import apply_round, parse_reply, sample_nodes, sent_part, train_content
+from server.strategy import (
+    apply_round,
+    chosen_persona,
+    discovery_content,
+    parse_reply,
+    sample_nodes,
+    sent_part,
+    train_content,
+)
 from shared.config import RunConfig
 from shared.federation import load_run_population, training_users
+from shared.adapters import is_trainable_key
 from shared.metrics import TokenStats
+from shared.personas import adjusted_rand_index, cluster_names, contingency, perturbed_copies
 from shared.model import cache_root
 from shared.runtime import get_runtime
 from shared.validation import UpdateRejected
@@ -24,6 +34,7 @@ from shared.wire import EVAL_LEVELS, KEY_CONFIG, KEY_METRICS, KEY_ROUND, round_r
 
 log = logging.getLogger("fedpersona.server")
 NODE_WAIT_SECONDS = 120.0
+DISCOVERY_INIT_SCALE = 0.01  # std of the perturbation that tells the K initial clusters apart
 
 app = ServerApp()
 
@@ -44,12 +55,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     run_dir = run_dir_of(cfg)
     population = load_run_population(cfg)
     users = training_users(population, cfg)
-    personas = population.personas
+    k = cfg.discovered_k
+    personas = cluster_names(k) if k else population.personas
     runtime = get_runtime(cfg)
     state = load_checkpoint(run_dir)
     if state is None:
         state = ServerState(round=0, global_state=dict(runtime.initial["global"]),
-                            persona_states={p: dict(runtime.initial["persona"]) for p in personas})
+                            persona_states=initial_personas(runtime, personas, cfg))
     else:
         progress(f"resuming {run_dir} after round {state.round}")
     expected = {k: tuple(v.shape) for k, v in sent_part(runtime.initial["global"],
@@ -69,18 +81,23 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         chosen = sample_nodes(node_info, cfg.clients_per_round, seed=cfg.seed,
                               server_round=server_round)
         messages = []
+        discovering = bool(k) and server_round > cfg.discovery_warmup
         for node in chosen:
-            content = train_content(state, node_info[node]["persona"], cfg.lora_scheme)
+            content = (discovery_content(state, personas, cfg.lora_scheme) if discovering else
+                       train_content(state, node_info[node]["persona"], cfg.lora_scheme))
             content[KEY_CONFIG] = config_record
             content[KEY_ROUND] = round_record(server_round, personas)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = list(grid.send_and_receive(messages))
-        accepted, declined, rejected, norms = [], 0, [], []
+        accepted, declined, rejected, norms, losses = [], 0, [], [], []
+        private_choices: list[int] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             try:
+                persona = (chosen_persona(reply, personas) if discovering
+                           else node_info[node]["persona"])
                 update, metrics = parse_reply(
-                    reply, persona=node_info[node]["persona"], expected=expected, current=state,
+                    reply, persona=persona, expected=expected, current=state,
                     scheme=cfg.lora_scheme, max_update_norm=cfg.max_update_norm)
             except UpdateRejected as err:
                 rejected.append({"round": server_round, "client": user_name.get(node, node),
@@ -93,8 +110,12 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             if update is None:
                 declined += 1
                 continue
+            if discovering:
+                state.assignments[user_name[node]] = persona
+                private_choices.append(int(metrics.get("selection-private", 0)))
             accepted.append(update)
             norms.append(float(metrics["update-norm"]))
+            losses.append((float(metrics.get("train-loss", float("nan"))), update.num_examples))
         missing = len(chosen) - len(replies)
         for _ in range(missing):
             rejected.append({"round": server_round, "client": "?", "reason": "no reply"})
@@ -104,18 +125,23 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         state.history.append({
             "round": server_round, "clients": len(chosen), "accepted": len(accepted),
             "declined": declined, "rejected": len(rejected),
+            "train_loss": weighted_loss(losses),
             "update_norm": sum(norms) / len(norms) if norms else float("nan"),
+            **({"private_choices": sum(private_choices),
+                "clusters_chosen": len(private_choices)} if discovering else {}),
             "seconds": round(time.monotonic() - t0, 2)})
         save_checkpoint(run_dir, state, runtime.lora)
         h = state.history[-1]
         eps = max(state.epsilon_per_user.values(), default=0.0)
         progress(f"round {server_round}/{cfg.num_rounds}: {h['accepted']}/{h['clients']} "
-                 f"accepted, {declined} declined, {len(rejected)} rejected, mean update norm "
-                 f"{h['update_norm']:.3f}" + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
+                 f"accepted, {declined} declined, {len(rejected)} rejected, train loss "
+                 f"{h['train_loss']:.3f}, update norm {h['update_norm']:.3f}"
+                 + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
                  + f" [{h['seconds']:.0f}s]")
 
     progress(f"evaluating {len(node_info)} users at {len(EVAL_LEVELS)} levels")
     per_user = evaluate_nodes(grid, list(node_info), state, node_info, cfg, personas, user_name)
+    truth = {u.user_id: u.attributes.get("genre", u.persona) for u in users}
     report = {
         "config": cfg.to_flower(), "num_users": len(users),
         "personas": list(personas),
@@ -124,6 +150,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         "privacy": privacy_summary(state.epsilon_per_user, dp=cfg.dp, delta=cfg.target_delta,
                                    budget=cfg.target_epsilon),
         "levels": level_metrics(per_user),
+        **({"discovery": discovery_report(state, truth, cfg)} if k else {}),
         "adapters": {"global": "adapters/global",
                      "persona": {p: f"adapters/persona/{p}" for p in personas}},
         "seconds": round(time.monotonic() - started, 1),
@@ -131,6 +158,41 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     write_report(run_dir, report)
     progress(f"wrote {run_dir / 'report.md'} and report.json")
     return report
+
+
+def initial_personas(runtime, personas: tuple[str, ...], cfg: RunConfig) -> dict:
+    """Declared personas start at the seeded initialisation; discovered ones as K
+    perturbed copies of it, so that IFCA's first choices can differ."""
+    start = dict(runtime.initial["persona"])
+    if not cfg.discovered_k:
+        return {p: dict(start) for p in personas}
+    keys = [key for key in start if is_trainable_key(key, cfg.lora_scheme)]
+    copies = perturbed_copies(start, len(personas), scale=DISCOVERY_INIT_SCALE, seed=cfg.seed,
+                              keys=keys)
+    return dict(zip(personas, copies))
+
+
+def discovery_report(state: ServerState, truth: dict[str, str], cfg: RunConfig) -> dict:
+    """How the discovered clusters line up with the true groups (genres)."""
+    users = sorted(u for u in state.assignments if u in truth)
+    true = [truth[u] for u in users]
+    found = [state.assignments[u] for u in users]
+    private = cfg.dp and cfg.selection_noise > 0
+    return {"k": cfg.discovered_k, "users": len(users),
+            "adjusted_rand_index": adjusted_rand_index(true, found) if users else None,
+            "contingency": contingency(true, found),
+            "assignments": {u: state.assignments[u] for u in users},
+            "choice_private": private,
+            "note": (f"each choice is a Gaussian mechanism (noise multiplier "
+                     f"{cfg.selection_noise}) on clipped losses, in the user's ledger"
+                     if private else "the persona choice is NOT covered by the DP guarantee "
+                     "(selection-noise = 0 or dp = false)")}
+
+
+def weighted_loss(losses: list[tuple[float, int]]) -> float:
+    """Example-weighted mean of the clients' (DP-noised) train losses."""
+    total = sum(n for _, n in losses)
+    return sum(v * n for v, n in losses) / total if total else float("nan")
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
@@ -173,7 +235,8 @@ def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: 
                    user_name: dict[int, str]) -> dict[str, dict[str, TokenStats]]:
     messages = []
     for node in nodes:
-        content = train_content(state, node_info[node]["persona"], cfg.lora_scheme)
+        content = (discovery_content(state, personas, cfg.lora_scheme) if cfg.discovered_k else
+                   train_content(state, node_info[node]["persona"], cfg.lora_scheme))
         content[KEY_CONFIG] = run_config_record(cfg)
         content[KEY_ROUND] = round_record(state.round, personas)
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))

@@ -51,6 +51,28 @@ def train_content(state: ServerState, persona: str | None, scheme: str) -> Recor
     return content
 
 
+def discovery_content(state: ServerState, personas: tuple[str, ...], scheme: str) -> RecordDict:
+    """Global plus all K discovered personas (``persona-0`` ...): the client picks one."""
+    content = RecordDict({KEY_GLOBAL: state_to_record(sent_part(state.global_state, scheme))})
+    for i, persona in enumerate(personas):
+        content[f"{KEY_PERSONA}-{i}"] = state_to_record(
+            sent_part(state.persona_states[persona], scheme))
+    return content
+
+
+def chosen_persona(reply: Message, personas: tuple[str, ...]) -> str | None:
+    """The discovered persona a client says it trained (validated); None if it declined."""
+    if reply.has_error() or KEY_METRICS not in reply.content.metric_records:
+        return None  # parse_reply names the problem
+    index = reply.content.metric_records[KEY_METRICS].get("persona-index")
+    if int(reply.content.metric_records[KEY_METRICS].get("declined", 0)):
+        return None
+    if not isinstance(index, int) or not 0 <= index < len(personas):
+        raise UpdateRejected(f"persona-index {index!r} is not one of the {len(personas)} "
+                             "discovered personas")
+    return personas[index]
+
+
 def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tuple[int, ...]],
                 current: ServerState | None = None, scheme: str = "ffa",
                 max_update_norm: float = 0.0) -> tuple[ClientUpdate | None, dict]:

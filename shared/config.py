@@ -29,22 +29,25 @@ class RunConfig:
     # -- base model and data ------------------------------------------------
     model: str = "smollm2"  # "smollm2" (embedded GGUF), "tiny", or a local HF model directory
     data_dir: str = ""  # population directory; "" = build the Shakespeare one in the cache
-    personas: str = "genre"  # "genre" or "play"
+    personas: str = "genre"  # "genre", "play" (declared) or "discovered:K" (IFCA)
     min_records: int = 30  # a character needs this many speeches to be a user
     test_fraction: float = 0.2  # the last fraction of each user's records, kept for testing
     cold_start_plays: str = "the-tempest,macbeth"  # every character of these plays is cold-start
     cold_start_fraction: float = 0.1  # fraction of other plays' users held out as cold-start
     max_users: int = 24  # training users in a simulation, stratified over personas; 0 = all
+    discovery_warmup: int = 2  # discovered personas: rounds of global-only training first
+    selection_noise: float = 1.0  # noise multiplier of the private IFCA choice; 0 = not private
+    selection_records: int = 16  # records each client scores the K personas on
     # -- federated rounds -----------------------------------------------------
     num_rounds: int = 6
     clients_per_round: int = 8
     # -- local training ---------------------------------------------------------
     local_steps: int = 4  # DP-SGD steps on the released (global + persona) adapters per round
-    user_steps: int = 4  # steps on the on-device user adapter per round (never released)
+    user_steps: int = 6  # steps on the on-device user adapter per round (never released)
     batch_size: int = 8  # expected (Poisson) batch size
     seq_len: int = 64
     learning_rate: float = 0.02
-    user_learning_rate: float = 0.02
+    user_learning_rate: float = 0.002
     # -- LoRA -----------------------------------------------------------------------
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -68,7 +71,13 @@ class RunConfig:
     eval_max_records: int = 24  # test records per user used in evaluation
 
     def __post_init__(self) -> None:
-        _check_choice("personas", self.personas, PERSONA_SCHEMES)
+        if self.personas.startswith("discovered:"):
+            k = self.personas.split(":", 1)[1]
+            if not (k.isdigit() and int(k) >= 2):
+                raise ConfigError(f"personas = discovered:K needs an integer K >= 2, got "
+                                  f"{self.personas!r}")
+        else:
+            _check_choice("personas", self.personas, PERSONA_SCHEMES)
         _check_choice("lora-scheme", self.lora_scheme, LORA_SCHEMES)
         _check_choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _check_choice("dtype", self.dtype, DTYPES)
@@ -77,7 +86,7 @@ class RunConfig:
                      "seq_len", "lora_rank", "local_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_users", "user_steps", "eval_max_records"):
+        for name in ("max_users", "user_steps", "eval_max_records", "discovery_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -93,6 +102,11 @@ class RunConfig:
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
             raise ConfigError(f"max-update-norm must be a finite number >= 0, got "
                               f"{self.max_update_norm}")
+        if not (self.selection_noise >= 0 and math.isfinite(self.selection_noise)):
+            raise ConfigError(f"selection-noise must be a finite number >= 0, got "
+                              f"{self.selection_noise}")
+        if self.selection_records < 1:
+            raise ConfigError(f"selection-records must be >= 1, got {self.selection_records}")
         if not self.target_epsilon > 0:  # inf is allowed: no budget
             raise ConfigError(f"target-epsilon must be > 0, got {self.target_epsilon}")
         if not 0 <= self.seed < 2**31:
@@ -108,6 +122,17 @@ class RunConfig:
             raise ConfigError("lora-targets must name at least one module")
 
     # -- derived values -------------------------------------------------------------
+    @property
+    def discovered_k(self) -> int | None:
+        """K for ``personas = "discovered:K"``, else ``None``."""
+        return int(self.personas.split(":", 1)[1]) if self.personas.startswith(
+            "discovered:") else None
+
+    @property
+    def dataset_personas(self) -> str:
+        """The persona label written into profiles (discovery still keeps genres as truth)."""
+        return "genre" if self.discovered_k else self.personas
+
     @property
     def lora_target_modules(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())

@@ -23,14 +23,19 @@ def population_dir(cfg: RunConfig) -> Path:
 
 
 def training_users(population: Population, cfg: RunConfig) -> tuple[PopulationEntry, ...]:
-    """Up to ``max-users`` training users, round-robin over personas (seeded), sorted by id."""
+    """Up to ``max-users`` training users, round-robin over groups (seeded), sorted by id.
+
+    Groups are genres where users have one (so ``personas = "play"`` and
+    ``"genre"`` select the same users and can be compared), else personas.
+    """
     pool = list(population.with_role(ROLE_TRAIN))
     if cfg.max_users == 0 or cfg.max_users >= len(pool):
         return tuple(sorted(pool, key=lambda u: u.user_id))
     rng = random.Random(cfg.seed)
     by_persona: dict[str, list[PopulationEntry]] = {}
     for entry in sorted(pool, key=lambda u: u.user_id):
-        by_persona.setdefault(entry.persona or "", []).append(entry)
+        group = entry.attributes.get("genre", entry.persona) or ""
+        by_persona.setdefault(group, []).append(entry)
     for members in by_persona.values():
         rng.shuffle(members)
     chosen: list[PopulationEntry] = []

@@ -39,19 +39,21 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         return epsilon(self.history, delta=self.target_delta)
 
-    def epsilon_after(self, entry: HistoryEntry) -> float:
-        return epsilon([*self.history, entry], delta=self.target_delta)
+    def epsilon_after(self, *entries: HistoryEntry) -> float:
+        return epsilon([*self.history, *entries], delta=self.target_delta)
 
-    def can_afford(self, entry: HistoryEntry) -> bool:
-        return self.epsilon_after(entry) <= self.target_epsilon
+    def can_afford(self, *entries: HistoryEntry) -> bool:
+        return self.epsilon_after(*entries) <= self.target_epsilon
 
-    def record(self, entry: HistoryEntry) -> None:
-        """Add a spent training run (called before its result may leave the device)."""
-        sigma, q, steps = entry
-        if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and math.isfinite(sigma)):
-            raise ValueError(f"invalid accountant entry {entry}")
-        if steps:
-            self.history.append((float(sigma), float(q), int(steps)))
+    def record(self, *entries: HistoryEntry) -> None:
+        """Add one round's mechanisms (called before their results may leave the device)."""
+        for entry in entries:
+            sigma, q, steps = entry
+            if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and math.isfinite(sigma)):
+                raise ValueError(f"invalid accountant entry {entry}")
+        for sigma, q, steps in entries:
+            if steps:
+                self.history.append((float(sigma), float(q), int(steps)))
         self.rounds += 1
 
     def to_json(self) -> dict:

@@ -167,7 +167,7 @@ def _role(play_id: str, user_id: str, settings: ShakespeareSettings) -> str:
 def settings_from_config(cfg) -> ShakespeareSettings:
     """The dataset part of a :class:`shared.config.RunConfig`."""
     return ShakespeareSettings(
-        personas=cfg.personas, min_records=cfg.min_records, test_fraction=cfg.test_fraction,
+        personas=cfg.dataset_personas, min_records=cfg.min_records, test_fraction=cfg.test_fraction,
         cold_start_plays=cfg.cold_start_play_ids, cold_start_fraction=cfg.cold_start_fraction,
         seed=cfg.seed)
 

@@ -21,9 +21,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from shared.config import ConfigError
     from shared.model import ModelNotFoundError
     from shared.shakespeare import CorpusNotFoundError
+    from shared.adapters import AdapterFormatError
     from shared.userdata import DataFormatError
+    from simulations.evaluate import EvaluationError
 
-    return (UserFacingError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
+    return (UserFacingError, AdapterFormatError, EvaluationError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
             DataFormatError, FileExistsError, FileNotFoundError, ValueError)
 
 
@@ -51,6 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", type=Path, help="run directory (adapters, reports)")
     simulate.add_argument("settings", nargs="*", metavar="key=value",
                           help="overrides of [tool.flwr.app.config], e.g. num-rounds=3")
+
+    compare = commands.add_parser("compare", help="several simulations side by side")
+    compare.add_argument("--out", required=True, type=Path)
+    compare.add_argument("--variant", action="append", required=True, dest="variants",
+                         metavar="NAME:k=v,k=v", help="one variant (repeat the flag)")
+    compare.add_argument("settings", nargs="*", metavar="key=value",
+                         help="settings shared by every variant")
+
+    evaluate = commands.add_parser("evaluate", help="levels, baselines and cold start of a run")
+    evaluate.add_argument("--run", required=True, type=Path, help="a finished run directory")
+    evaluate.add_argument("--k", type=int, default=5, help="examples for the k-shot fallback")
+    evaluate.add_argument("--cold-start-users", type=int, default=8,
+                          help="cold-start users per kind (0 = all)")
+    evaluate.add_argument("--baseline-users", type=int, default=8,
+                          help="users for the local-only baseline (0 = all)")
+
+    generate = commands.add_parser("generate", help="generate text for a user (cold-start aware)")
+    generate.add_argument("--run", required=True, type=Path)
+    generate.add_argument("--user-dir", required=True, type=Path)
+    generate.add_argument("--explain", action="store_true", help="say which adapters serve, why")
+    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("prompt")
+
+    sweep = commands.add_parser("sweep", help="the simulation at several privacy budgets")
+    sweep.add_argument("--epsilons", default="1,4,8,inf")
+    sweep.add_argument("--out", required=True, type=Path)
+    sweep.add_argument("settings", nargs="*", metavar="key=value")
     return parser
 
 
@@ -73,7 +103,52 @@ def _dispatch(args: argparse.Namespace) -> int:
         from simulations.simulate import run_simulation_command
 
         return run_simulation_command(args.out, args.settings)
+    if args.command == "compare":
+        from simulations.compare import run_compare_command
+
+        return run_compare_command(args.out, args.variants, args.settings)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "sweep":
+        from simulations.sweep import run_sweep_command
+
+        return run_sweep_command(args.out, args.epsilons, args.settings)
     raise UserFacingError(f"unknown command {args.command}")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from server.report import levels_table
+    from shared.atomic import write_json_atomic
+    from simulations.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, cold_start_k=args.k, cold_start_users=args.cold_start_users,
+                          baseline_users=args.baseline_users)
+    write_json_atomic(args.run / "evaluation.json", result, sort_keys=False)
+    print(levels_table(result["levels"]))
+    print()
+    print(levels_table(result["baselines"], "baseline"))
+    for key in ("cold_start", "cold_start_held_out_plays"):
+        print(f"\n{key}")
+        print(levels_table(result[key], "served by"))
+    print(f"\nwrote {args.run / 'evaluation.json'}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from client.generate import choose_for_user, generate_text
+    from simulations.evaluate import RunEvaluator, load_run_config
+
+    evaluator = RunEvaluator(args.run, load_run_config(args.run))
+    choice = choose_for_user(evaluator, args.user_dir)
+    if args.explain:
+        print(f"served by: {choice.served_by}; adapters: {' + '.join(choice.levels)}"
+              + (f" (persona {choice.persona})" if choice.persona else ""))
+        print(f"why: {choice.reason}")
+    print(generate_text(evaluator, choice, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature))
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:

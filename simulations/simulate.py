@@ -40,8 +40,12 @@ def resolve_config(out: Path | None, settings: list[str], *,
     return RunConfig.from_mapping(values)
 
 
-def simulate(cfg: RunConfig, *, num_cpus: int | None = None) -> dict:
-    """Run the simulation to the end; return the report (raises what the server raised)."""
+def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: bool = True,
+             cold_start_k: int = 5) -> dict:
+    """Run the simulation to the end; return the report (raises what the server raised).
+
+    ``final_evaluation`` adds the baselines and the cold-start evaluation
+    (:mod:`simulations.evaluate`) to the report, with plots."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -49,6 +53,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None) -> dict:
     from server.server_app import run_dir_of, run_server
     from shared.federation import load_run_population, training_users
     from shared.userdata import load_user
+    from simulations.evaluate import evaluate_run
 
     population = load_run_population(cfg)
     users = training_users(population, cfg)
@@ -81,7 +86,25 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None) -> dict:
     if "report" not in outcome:
         raise RuntimeError(f"simulation ended without a report (see the log; run dir "
                            f"{run_dir_of(cfg)})")
-    return outcome["report"]
+    report = outcome["report"]
+    if final_evaluation:
+        report = finish_report(run_dir_of(cfg), report, evaluate_run(
+            run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k))
+    return report
+
+
+def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
+    """Merge the side-by-side evaluation into the report, draw the plots, rewrite both files."""
+    from server.report import write_report
+    from simulations.plots import plot_improvement, plot_levels
+
+    report = {**report, **{k: v for k, v in evaluation.items() if k != "seconds"}}
+    report["evaluation_seconds"] = evaluation.get("seconds")
+    report["plots"] = {
+        "perplexity per level": plot_levels(report, run_dir / "levels.png").name,
+        "per-user improvement": plot_improvement(report, run_dir / "improvement.png").name}
+    write_report(run_dir, report)
+    return report
 
 
 def run_simulation_command(out: Path | None, settings: list[str]) -> int:

@@ -73,7 +73,8 @@ def test_train_metrics_and_ledger_on_disk(trained):
     assert 0 < metrics["epsilon"] < math.inf
     assert store.ledger_path.is_file()
     on_disk = json.loads(store.ledger_path.read_text())
-    assert on_disk["history"] == [[cfg.noise_multiplier, 0.2, 2]]
+    # two DP-SGD steps plus the one noisy train-loss release, at the same rate
+    assert on_disk["history"] == [[cfg.noise_multiplier, 0.2, 3]]
     assert on_disk["epsilon"] == pytest.approx(metrics["epsilon"])
     user = store.load_user_adapter()  # saved on the device ...
     assert user is not None
@@ -143,7 +144,7 @@ def test_train_without_dp_reports_no_epsilon(tmp_path):
 # and the accountant's epsilon (threat model: "everything that leaves a device is computed
 # only from DP-SGD steps and public values").
 PUBLIC_TRAIN_METRICS = {"num-examples", "persona-index", "user-index", "dp", "declined",
-                        "steps", "epsilon"}
+                        "steps", "epsilon", "train-loss"}  # train-loss: noisy and accounted
 
 
 def test_train_metrics_hold_only_public_values(trained):

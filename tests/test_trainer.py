@@ -261,3 +261,28 @@ def test_poisson_batch_is_reproducible_and_has_the_right_mean_size():
     for b in batches[:50]:
         assert b.dtype == torch.long and len(set(b.tolist())) == len(b)
         assert all(0 <= i < n for i in b.tolist())
+
+
+def test_private_mean_loss_is_noisy_clipped_and_accounted():
+    from client.trainer import LOSS_CLIP, private_mean_loss
+    from shared.userdata import Record
+
+    model = tiny_peft()
+    data = encode_records([Record("to be or not to be " * k) for k in range(1, 11)],
+                          tokenizer(), 32)
+    dp = DPSettings(True, noise_multiplier=1.0, max_grad_norm=1.0)
+
+    value, entry = private_mean_loss(model, data, rate=0.5, dp=dp,
+                                     generator=torch.Generator().manual_seed(0))
+    again, _ = private_mean_loss(model, data, rate=0.5, dp=dp,
+                                 generator=torch.Generator().manual_seed(0))
+    plain, none = private_mean_loss(model, data, rate=1.0, dp=DPSettings(False, 1.0, 1.0),
+                                    generator=torch.Generator().manual_seed(0))
+
+    exact = float(per_record_loss(model, data.select(torch.arange(10))).mean())
+    assert entry == (1.0, 0.5, 1) and none is None
+    assert value == again  # reproducible from the generator
+    assert plain == pytest.approx(exact, rel=1e-5)
+    # noise std on the mean is noise_multiplier * LOSS_CLIP / (q n) = 2.0: a different number
+    assert value != pytest.approx(exact, abs=1e-3)
+    assert abs(value - exact) < 10 * LOSS_CLIP / 5

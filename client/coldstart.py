@@ -1,0 +1,68 @@
+"""Which adapters serve a user: the cold-start fallback.
+
+In order (DESIGN.md, "Personas and cold start"):
+1. the user's own adapter, if one was trained (with global and the user's persona);
+2. else the declared persona (a label in the profile), if the server has its adapter;
+3. else the persona whose adapter has the lowest loss on the user's few examples,
+   computed on the device, no training, if it fits better than global alone;
+4. else global only.
+
+:func:`choose_adapters` is pure: the caller computes the losses on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SERVED_USER = "user"
+SERVED_DECLARED = "persona (declared)"
+SERVED_FITTED = "persona (lowest loss on the user's examples)"
+SERVED_GLOBAL = "global"
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    levels: tuple[str, ...]  # adapters to activate: "global", "persona", "user"
+    persona: str | None  # which persona adapter goes into the persona slot
+    served_by: str  # one of the SERVED_* labels
+    reason: str  # one sentence for --explain
+
+
+def choose_adapters(*, has_user_adapter: bool, declared_persona: str | None,
+                    known_personas: tuple[str, ...] | list[str],
+                    persona_losses: Mapping[str, float] | None = None,
+                    global_loss: float | None = None) -> AdapterChoice:
+    """Apply the fallback order. ``persona_losses`` maps persona -> mean loss of
+    global+persona on the user's examples; ``global_loss`` is global alone."""
+    declared = declared_persona if declared_persona in known_personas else None
+    if has_user_adapter:
+        persona = declared or _best(persona_losses, global_loss)
+        levels = ("global", "persona", "user") if persona else ("global", "user")
+        return AdapterChoice(levels, persona, SERVED_USER,
+                             "this user has a trained user adapter" +
+                             (f" (with persona {persona})" if persona else ""))
+    if declared:
+        return AdapterChoice(("global", "persona"), declared, SERVED_DECLARED,
+                             f"the profile declares persona {declared!r}")
+    best = _best(persona_losses, global_loss)
+    if best is not None:
+        versus = f" vs {global_loss:.3f} for global alone" if global_loss is not None else ""
+        return AdapterChoice(
+            ("global", "persona"), best, SERVED_FITTED,
+            f"persona {best!r} has the lowest loss on the user's examples "
+            f"({persona_losses[best]:.3f}{versus}) among {len(persona_losses)} personas")
+    why = ("no persona adapter fits the user's examples better than global alone"
+           if persona_losses else "no user adapter, no declared persona and no examples")
+    if declared_persona and not declared:
+        why = f"declared persona {declared_persona!r} is unknown to the server; " + why
+    return AdapterChoice(("global",), None, SERVED_GLOBAL, why)
+
+
+def _best(persona_losses: Mapping[str, float] | None, global_loss: float | None) -> str | None:
+    if not persona_losses:
+        return None
+    best = min(sorted(persona_losses), key=lambda p: persona_losses[p])
+    if global_loss is not None and not persona_losses[best] < global_loss:
+        return None
+    return best

@@ -1,0 +1,234 @@
+"""The side-by-side evaluation of a finished run (``fedpersona evaluate --run DIR``).
+
+In one process, on the same evaluation users:
+- the levels: ``base``, ``global``, ``global+persona``, ``global+persona+user``
+  (user adapters read from each simulated device's store);
+- baselines: ``local-only`` (each user trains alone, same DP setting and the same
+  number of DP steps it spent in the federation) and ``centralized`` (one
+  non-private LoRA on all training users' data pooled: the upper reference);
+- cold-start users, held-out characters of known plays and characters of
+  held-out plays: ``base``, ``global``, the persona fallback with 0 examples
+  (declared persona) and with k examples (lowest-loss persona).
+
+This is a measurement harness for simulations: it reads every simulated
+device's files, which no real server could.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from client.coldstart import choose_adapters
+from client.store import DeviceStore
+from client.trainer import DPSettings, sample_rate, train_released
+from shared.adapters import activate, load_adapter_state, load_level
+from shared.config import RunConfig
+from shared.federation import load_run_population, training_users
+from shared.lm import EncodedRecords, encode_records, evaluate_stats, per_record_loss
+from shared.metrics import TokenStats, macro_summary
+from shared.runtime import Runtime, get_runtime
+from shared.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, PopulationEntry, load_user
+
+COLD_KINDS = {"known_plays": ROLE_COLD_CHARACTER, "held_out_plays": ROLE_COLD_PLAY}
+
+
+class EvaluationError(ValueError):
+    """The run cannot be evaluated as asked (e.g. a cold-start user took part in training)."""
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    report = Path(run_dir) / "report.json"
+    if not report.is_file():
+        raise EvaluationError(f"{report}: missing (is {run_dir} a finished fedpersona run?)")
+    return RunConfig.from_mapping(json.loads(report.read_text())["config"])
+
+
+def summarize(per_user: dict[str, TokenStats]) -> dict:
+    ppl = macro_summary({u: s.perplexity for u, s in per_user.items()})
+    acc = macro_summary({u: s.token_accuracy for u, s in per_user.items()})
+    return {"perplexity": ppl["mean"], "perplexity_ci95": ppl["ci95"],
+            "token_accuracy": acc["mean"], "token_accuracy_ci95": acc["ci95"],
+            "users": ppl["n"],
+            "per_user": {u: {"perplexity": s.perplexity, "token_accuracy": s.token_accuracy}
+                         for u, s in sorted(per_user.items())}}
+
+
+class RunEvaluator:
+    """Holds one run's adapters on the shared runtime and evaluates users under them."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.runtime: Runtime = get_runtime(cfg)
+        self.global_state = load_adapter_state(self.run_dir / "adapters" / "global")
+        persona_root = self.run_dir / "adapters" / "persona"
+        self.persona_states = {p.name: load_adapter_state(p) for p in sorted(
+            persona_root.iterdir())} if persona_root.is_dir() else {}
+
+    def encode(self, records) -> EncodedRecords:
+        return encode_records(records, self.runtime.tokenizer, self.cfg.seq_len)
+
+    def test_data(self, user) -> EncodedRecords:
+        records = user.test[:self.cfg.eval_max_records] if self.cfg.eval_max_records \
+            else user.test
+        return self.encode(records)
+
+    def load(self, *, persona: str | None = None, user_state=None) -> None:
+        model, initial = self.runtime.model, self.runtime.initial
+        load_level(model, "global", self.global_state)
+        load_level(model, "persona", self.persona_states[persona] if persona else
+                   initial["persona"])
+        load_level(model, "user", user_state if user_state is not None else initial["user"])
+
+    def stats(self, data: EncodedRecords, levels: Sequence[str]) -> TokenStats:
+        model = self.runtime.model
+        if not levels:
+            with model.disable_adapter():
+                return evaluate_stats(model, data)
+        activate(model, levels)
+        return evaluate_stats(model, data)
+
+    @torch.no_grad()
+    def mean_loss(self, data: EncodedRecords, levels: Sequence[str]) -> float:
+        activate(self.runtime.model, levels)
+        return float(per_record_loss(self.runtime.model, data.select(
+            torch.arange(len(data)))).mean())
+
+
+def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int = 8,
+                 baseline_users: int = 8, centralized_steps: int | None = None,
+                 include_levels: bool = True, progress: Callable[[str], None] = print) -> dict:
+    """Everything in the module docstring; returns ``{"levels", "baselines", "cold_start",
+    "cold_start_held_out_plays"}`` (each entry macro-averaged with per-user values).
+
+    ``include_levels=False`` skips the levels (the simulation's Flower evaluation
+    round has measured them on the devices already)."""
+    started = time.monotonic()
+    cfg = load_run_config(run_dir)
+    population = load_run_population(cfg)
+    trained = training_users(population, cfg)
+    trained_ids = {u.user_id for u in trained}
+    ev = RunEvaluator(run_dir, cfg)
+
+    levels: dict[str, dict[str, TokenStats]] = {}
+    if include_levels:
+        progress(f"levels on {len(trained)} training users")
+    for entry in trained if include_levels else ():
+        user = load_user(population.user_dir(entry.user_id))
+        store = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key)
+        persona = entry.persona if entry.persona in ev.persona_states else None
+        if cfg.discovered_k:  # the cluster this device chose last
+            cluster = store.load_state().get("cluster", -1)
+            persona = f"cluster-{cluster}" if cluster >= 0 else None
+        ev.load(persona=persona, user_state=store.load_user_adapter())
+        data = ev.test_data(user)
+        for name, active in (("base", ()), ("global", ("global",)),
+                             ("global+persona", ("global", "persona") if persona else
+                              ("global",)),
+                             ("global+persona+user", ("global", "persona", "user") if persona
+                              else ("global", "user"))):
+            levels.setdefault(name, {})[entry.user_id] = ev.stats(data, active)
+
+    chosen = trained[:baseline_users] if baseline_users else trained
+    progress(f"local-only baseline on {len(chosen)} users")
+    local_only = {e.user_id: _local_only(ev, population, e) for e in chosen}
+    progress("centralized non-private baseline")
+    central = _centralized(ev, population, trained, centralized_steps)
+
+    result = {"baselines": {"local-only": summarize(local_only),
+                            "centralized": summarize(central)}}
+    if include_levels:
+        result["levels"] = {k: summarize(v) for k, v in levels.items()}
+    for kind, role in COLD_KINDS.items():
+        users = population.with_role(role)[:cold_start_users] if cold_start_users \
+            else population.with_role(role)
+        leaked = sorted(u.user_id for u in users if u.user_id in trained_ids)
+        if leaked:
+            raise EvaluationError(f"cold-start user(s) took part in training: {', '.join(leaked)}")
+        progress(f"cold start ({kind}) on {len(users)} users, k={cold_start_k}")
+        key = "cold_start" if kind == "known_plays" else "cold_start_held_out_plays"
+        result[key] = _cold_start(ev, population, users, cold_start_k)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def _local_only(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenStats:
+    """The user trains a fresh adapter alone with the DP-SGD steps it spent in the run."""
+    cfg = ev.cfg
+    user = load_user(population.user_dir(entry.user_id))
+    ledger = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key).load_ledger(
+        target_epsilon=float("inf"), target_delta=cfg.target_delta)
+    steps = max(cfg.local_steps, ledger.rounds * cfg.local_steps)
+    model, initial = ev.runtime.model, ev.runtime.initial
+    for level in ("global", "persona", "user"):
+        load_level(model, level, initial[level])
+    data = ev.encode(user.train)
+    train_released(model, data, steps=steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                   dp=DPSettings(cfg.dp, cfg.noise_multiplier, cfg.max_grad_norm),
+                   scheme=cfg.lora_scheme, levels=("global",),
+                   generator=torch.Generator().manual_seed(cfg.seed))
+    return ev.stats(ev.test_data(user), ("global",))
+
+
+def _centralized(ev: RunEvaluator, population, trained, steps: int | None) -> dict:
+    """Non-private LoRA on all training users' records pooled; same adapter shape."""
+    cfg = ev.cfg
+    users = [load_user(population.user_dir(e.user_id)) for e in trained]
+    pooled = ev.encode([r for u in users for r in u.train])
+    model, initial = ev.runtime.model, ev.runtime.initial
+    for level in ("global", "persona", "user"):
+        load_level(model, level, initial[level])
+    steps = steps or cfg.num_rounds * cfg.local_steps * 2
+    params = activate(model, ("global",), train=("global",), scheme="fedavg")
+    optimizer = torch.optim.Adam(params, lr=cfg.user_learning_rate)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    for _ in range(steps):
+        index = torch.randperm(len(pooled), generator=generator)[:cfg.batch_size * 2]
+        optimizer.zero_grad()
+        per_record_loss(model, pooled.select(index)).mean().backward()
+        optimizer.step()
+    model.eval()
+    return {e.user_id: ev.stats(ev.test_data(u), ("global",)) for e, u in zip(trained, users)}
+
+
+def _cold_start(ev: RunEvaluator, population, users, k: int) -> dict:
+    out: dict[str, dict[str, TokenStats]] = {
+        "base": {}, "global": {}, "persona_fallback_0shot": {}, "persona_fallback_kshot": {}}
+    choices = {}
+    known = tuple(ev.persona_states)
+    for entry in users:
+        user = load_user(population.user_dir(entry.user_id))
+        data = ev.test_data(user)
+        ev.load()
+        out["base"][entry.user_id] = ev.stats(data, ())
+        out["global"][entry.user_id] = ev.stats(data, ("global",))
+        zero = choose_adapters(has_user_adapter=False, declared_persona=user.profile.persona,
+                               known_personas=known)
+        ev.load(persona=zero.persona)
+        out["persona_fallback_0shot"][entry.user_id] = ev.stats(data, zero.levels)
+        # k-shot: the first k training records decide, without any declared label
+        shots = ev.encode(user.train[:k])
+        losses = {}
+        for persona in known:
+            ev.load(persona=persona)
+            losses[persona] = ev.mean_loss(shots, ("global", "persona"))
+        ev.load()
+        global_loss = ev.mean_loss(shots, ("global",))
+        few = choose_adapters(has_user_adapter=False, declared_persona=None,
+                              known_personas=known, persona_losses=losses,
+                              global_loss=global_loss)
+        ev.load(persona=few.persona)
+        out["persona_fallback_kshot"][entry.user_id] = ev.stats(data, few.levels)
+        choices[entry.user_id] = {"declared": user.profile.persona, "kshot": few.persona,
+                                  "kshot_served_by": few.served_by}
+    summary = {name: summarize(stats) for name, stats in out.items()}
+    summary["choices"] = choices
+    matches = [c["kshot"] == c["declared"] for c in choices.values() if c["declared"]]
+    summary["kshot_matches_declared"] = sum(matches) / len(matches) if matches else None
+    return summary

@@ -1,0 +1,75 @@
+"""PNG plots for a report (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+
+def plot_levels(report: Mapping, path: Path) -> Path:
+    """Macro perplexity (± 95% CI) of each level and baseline, one bar each."""
+    entries = list(report["levels"].items())
+    for name, value in report.get("baselines", {}).items():
+        entries.append((name, value))
+    names = [n for n, _ in entries]
+    means = [v["perplexity"] for _, v in entries]
+    errors = [v.get("perplexity_ci95", 0.0) for _, v in entries]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(len(names)), means, yerr=errors, capsize=4,
+           color=["#999999"] + ["#4477aa"] * (len(report["levels"]) - 1)
+           + ["#cc6677"] * (len(names) - len(report["levels"])))
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("test perplexity (macro over users)")
+    ax.set_title("Perplexity per level (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_improvement(report: Mapping, path: Path, *, reference: str = "global",
+                     level: str = "global+persona+user") -> Path:
+    """Per-user relative perplexity change of ``level`` against ``reference``."""
+    ref = report["levels"][reference]["per_user"]
+    new = report["levels"][level]["per_user"]
+    changes = [100.0 * (new[u]["perplexity"] / ref[u]["perplexity"] - 1.0) for u in new
+               if u in ref and math.isfinite(new[u]["perplexity"] or math.nan)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(changes, bins=min(20, max(5, len(changes) // 2)), color="#4477aa")
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel(f"perplexity change of {level} vs {reference} (%)")
+    ax.set_ylabel("users")
+    better = sum(1 for c in changes if c < 0)
+    ax.set_title(f"{better} of {len(changes)} users improve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_privacy_utility(rows: Sequence[Mapping], path: Path,
+                         levels: Sequence[str] = ("base", "global", "global+persona",
+                                                  "global+persona+user")) -> Path:
+    """Macro perplexity of each level against the epsilon budget (inf = no DP, at the right)."""
+    finite = [r["epsilon"] for r in rows if math.isfinite(r["epsilon"])]
+    right = (max(finite) * 1.6 if finite else 1.0)
+    xs = [r["epsilon"] if math.isfinite(r["epsilon"]) else right for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for level in levels:
+        ax.plot(xs, [r[level] for r in rows], marker="o", label=level)
+    ax.set_xticks(xs, [f"{r['epsilon']:g}" if math.isfinite(r["epsilon"]) else "no DP"
+                       for r in rows])
+    ax.set_xlabel("per-user epsilon budget (delta fixed)")
+    ax.set_ylabel("test perplexity (macro)")
+    ax.set_title("Privacy-utility trade-off")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
