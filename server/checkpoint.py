@@ -18,7 +18,6 @@ the last snapshot that ``LATEST`` names, never from a half-written one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.adapters import load_adapter_state, save_adapter
 from shared.aggregation import FedAdamState, State
-from shared.atomic import write_text_atomic
+from shared.atomic import replace_dir, write_text_atomic
 
 KEEP_SNAPSHOTS = 2
 
@@ -72,10 +71,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path
                 "personas": sorted(state.persona_states),
                 "optimizer_levels": sorted(state.optimizer)}
         (staging / "state.json").write_text(json.dumps(meta, indent=1))
-        target = root / name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_dir(staging, root / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_text_atomic(root / "LATEST", name + "\n")

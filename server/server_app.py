@@ -215,11 +215,7 @@ def query_nodes(grid: Grid, nodes: list[int], cfg: RunConfig,
                               KEY_ROUND: round_record(0, personas)})
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY))
     info = {}
-    for reply in grid.send_and_receive(messages):
-        if reply.has_error():
-            log.warning("node %s failed the persona query: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
-            continue
+    for reply in successful(grid.send_and_receive(messages), "the persona query"):
         metrics = reply.content.metric_records[KEY_METRICS]
         index = int(metrics["persona-index"])
         info[reply.metadata.src_node_id] = {
@@ -228,6 +224,16 @@ def query_nodes(grid: Grid, nodes: list[int], cfg: RunConfig,
     if not info:
         raise RuntimeError("no client answered the persona query")
     return info
+
+
+def successful(replies, what: str):
+    """The replies without an error; the others are logged and skipped."""
+    for reply in replies:
+        if reply.has_error():
+            log.warning("node %s failed %s: %s", reply.metadata.src_node_id, what,
+                        reply.error.reason)
+        else:
+            yield reply
 
 
 def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: dict,
@@ -241,11 +247,7 @@ def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: 
         content[KEY_ROUND] = round_record(state.round, personas)
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
     per_user: dict[str, dict[str, TokenStats]] = {}
-    for reply in grid.send_and_receive(messages):
-        if reply.has_error():
-            log.warning("evaluation failed on %s: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
-            continue
+    for reply in successful(grid.send_and_receive(messages), "evaluation"):
         metrics = reply.content.metric_records[KEY_METRICS]
         name = user_name[reply.metadata.src_node_id]
         per_user[name] = {level: TokenStats(float(metrics[f"{level}/nll-sum"]),

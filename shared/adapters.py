@@ -21,7 +21,6 @@ A state is a dict ``peft key -> tensor`` with peft's own keys (those of
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -31,6 +30,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+from shared.atomic import replace_dir
 
 LEVELS = ("global", "persona", "user")
 RELEASED_LEVELS = ("global", "persona")  # the only adapters that ever leave a device
@@ -147,13 +148,7 @@ def save_adapter(path: Path, state: Mapping[str, torch.Tensor], config: LoraConf
         config.save_pretrained(str(staging))
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                   str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        replace_dir(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,20 @@ def json_safe(value: Any) -> Any:
 def write_json_atomic(path: Path, obj: Any, *, sort_keys: bool = True) -> None:
     write_text_atomic(path, json.dumps(json_safe(obj), indent=1, sort_keys=sort_keys,
                                        default=str) + "\n")
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a fully written ``staging`` directory to ``target``, replacing what is there.
+
+    The old directory is renamed aside first and removed only after the new one
+    is in place, so an interruption leaves one complete version at ``target``
+    (or, at worst, the old one beside it), never a mix.
+    """
+    staging, target = Path(staging), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

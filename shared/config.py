@@ -39,7 +39,7 @@ class RunConfig:
     selection_noise: float = 1.0  # noise multiplier of the private IFCA choice; 0 = not private
     selection_records: int = 16  # records each client scores the K personas on
     # -- federated rounds -----------------------------------------------------
-    num_rounds: int = 6
+    num_rounds: int = 5
     clients_per_round: int = 8
     # -- local training ---------------------------------------------------------
     local_steps: int = 4  # DP-SGD steps on the released (global + persona) adapters per round
@@ -68,7 +68,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     dtype: str = "float32"
-    eval_max_records: int = 24  # test records per user used in evaluation
+    eval_max_records: int = 16  # test records per user used in evaluation
 
     def __post_init__(self) -> None:
         if self.personas.startswith("discovered:"):

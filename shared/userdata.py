@@ -15,7 +15,6 @@ plus ``DIR/users/<user_id>/``. Every loader error names the file and line.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shared.atomic import replace_dir
 
 PROFILE_FILE = "profile.json"
 DATA_FILE = "data.jsonl"
@@ -243,13 +244,7 @@ def write_population(out: Path, users: Iterable[tuple[str, UserData]], meta: dic
         manifest = {"meta": meta, "users": [e.__dict__ for e in entries]}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n",
                                              encoding="utf-8")
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, backup)
-            os.replace(staging, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return load_population(out)

@@ -48,7 +48,7 @@ def run_compare_command(out: Path, variants: list[str], settings: list[str]) -> 
     reports = {}
     for name, cfg in configs.items():
         print(f"== variant {name}")
-        reports[name] = simulate(cfg)
+        reports[name] = simulate(cfg, final_evaluation=False)
     rows = comparison_rows(reports)
     table = markdown_table(rows)
     write_json_atomic(out / "compare.json",

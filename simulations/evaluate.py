@@ -25,7 +25,7 @@ import torch
 
 from client.coldstart import choose_adapters
 from client.store import DeviceStore
-from client.trainer import DPSettings, sample_rate, train_released
+from client.trainer import DPSettings, train_released
 from shared.adapters import activate, load_adapter_state, load_level
 from shared.config import RunConfig
 from shared.federation import load_run_population, training_users
@@ -138,7 +138,7 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
     progress(f"local-only baseline on {len(chosen)} users")
     local_only = {e.user_id: _local_only(ev, population, e) for e in chosen}
     progress("centralized non-private baseline")
-    central = _centralized(ev, population, trained, centralized_steps)
+    central = _centralized(ev, population, trained, chosen, centralized_steps)
 
     result = {"baselines": {"local-only": summarize(local_only),
                             "centralized": summarize(central)}}
@@ -175,11 +175,12 @@ def _local_only(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenSt
     return ev.stats(ev.test_data(user), ("global",))
 
 
-def _centralized(ev: RunEvaluator, population, trained, steps: int | None) -> dict:
-    """Non-private LoRA on all training users' records pooled; same adapter shape."""
+def _centralized(ev: RunEvaluator, population, trained, evaluated, steps: int | None) -> dict:
+    """Non-private LoRA on all training users' records pooled (same adapter shape),
+    evaluated on the ``evaluated`` users."""
     cfg = ev.cfg
-    users = [load_user(population.user_dir(e.user_id)) for e in trained]
-    pooled = ev.encode([r for u in users for r in u.train])
+    pooled = ev.encode([r for e in trained
+                        for r in load_user(population.user_dir(e.user_id)).train])
     model, initial = ev.runtime.model, ev.runtime.initial
     for level in ("global", "persona", "user"):
         load_level(model, level, initial[level])
@@ -194,7 +195,8 @@ def _centralized(ev: RunEvaluator, population, trained, steps: int | None) -> di
         per_record_loss(model, pooled.select(index)).mean().backward()
         optimizer.step()
     model.eval()
-    return {e.user_id: ev.stats(ev.test_data(u), ("global",)) for e, u in zip(trained, users)}
+    return {e.user_id: ev.stats(ev.test_data(load_user(population.user_dir(e.user_id))),
+                                ("global",)) for e in evaluated}
 
 
 def _cold_start(ev: RunEvaluator, population, users, k: int) -> dict:

@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 def plot_levels(report: Mapping, path: Path) -> Path:
     """Macro perplexity (± 95% CI) of each level and baseline, one bar each."""
     entries = list(report["levels"].items())
-    for name, value in report.get("baselines", {}).items():
-        entries.append((name, value))
+    for name in ("local-only", "centralized"):
+        if name in report.get("baselines", {}):
+            entries.append((name, report["baselines"][name]))
     names = [n for n, _ in entries]
     means = [v["perplexity"] for _, v in entries]
     errors = [v.get("perplexity_ci95", 0.0) for _, v in entries]

@@ -93,12 +93,30 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     return report
 
 
+def same_users(report: dict) -> dict:
+    """The levels macro-averaged over exactly the baseline users, for a fair side by side."""
+    from shared.metrics import macro_summary
+
+    users = set(report["baselines"]["local-only"]["per_user"])
+    out = {}
+    for level, values in report["levels"].items():
+        per_user = {u: v for u, v in values["per_user"].items() if u in users}
+        ppl = macro_summary({u: v["perplexity"] for u, v in per_user.items()})
+        acc = macro_summary({u: v["token_accuracy"] for u, v in per_user.items()})
+        out[f"{level} (same users)"] = {
+            "perplexity": ppl["mean"], "perplexity_ci95": ppl["ci95"],
+            "token_accuracy": acc["mean"], "token_accuracy_ci95": acc["ci95"],
+            "users": ppl["n"], "per_user": per_user}
+    return out
+
+
 def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
     """Merge the side-by-side evaluation into the report, draw the plots, rewrite both files."""
     from server.report import write_report
     from simulations.plots import plot_improvement, plot_levels
 
     report = {**report, **{k: v for k, v in evaluation.items() if k != "seconds"}}
+    report["baselines"] = {**report["baselines"], **same_users(report)}
     report["evaluation_seconds"] = evaluation.get("seconds")
     report["plots"] = {
         "perplexity per level": plot_levels(report, run_dir / "levels.png").name,

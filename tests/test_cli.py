@@ -69,7 +69,7 @@ def test_malformed_user_data_fails_the_simulation_cleanly(tmp_path, capsys):
     capsys.readouterr()
 
     code = main(["simulate", "--out", str(tmp_path / "run"), f"data-dir={pop}", "model=tiny",
-                 "num-rounds=1", "max-users=0", f"clients-per-round=1000"])
+                 "num-rounds=1", "max-users=0", "clients-per-round=1000"])
 
     assert code == 1
     err = capsys.readouterr().err
