@@ -79,7 +79,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     for server_round in range(state.round + 1, cfg.num_rounds + 1):
         t0 = time.monotonic()
         chosen = sample_nodes(node_info, cfg.clients_per_round, seed=cfg.seed,
-                              server_round=server_round)
+                              server_round=server_round, key=user_name.get)
         messages = []
         discovering = bool(k) and server_round > cfg.discovery_warmup
         for node in chosen:
@@ -113,13 +113,15 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             if discovering:
                 state.assignments[user_name[node]] = persona
                 private_choices.append(int(metrics.get("selection-private", 0)))
-            accepted.append(update)
+            accepted.append((user_name[node], update))
             norms.append(float(metrics["update-norm"]))
             losses.append((float(metrics.get("train-loss", float("nan"))), update.num_examples))
         missing = len(chosen) - len(replies)
         for _ in range(missing):
             rejected.append({"round": server_round, "client": "?", "reason": "no reply"})
-        apply_round(state, accepted, cfg)
+        # Aggregate in a fixed order (by user), not arrival order: float sums then
+        # reproduce exactly, so a resumed run matches an uninterrupted one.
+        apply_round(state, [u for _, u in sorted(accepted, key=lambda pair: pair[0])], cfg)
         state.round = server_round
         state.rejected.extend(rejected)
         state.history.append({

@@ -33,9 +33,14 @@ class RoundOutcome:
     rejected: list[tuple[int, str]]
 
 
-def sample_nodes(node_ids: Iterable[int], k: int, *, seed: int, server_round: int) -> list[int]:
-    """``k`` nodes, reproducible from the seed and round (sorted first: ids are random)."""
-    nodes = sorted(node_ids)
+def sample_nodes(node_ids: Iterable[int], k: int, *, seed: int, server_round: int,
+                 key=None) -> list[int]:
+    """``k`` nodes, reproducible from the seed and round.
+
+    Node ids are random per connection, so the order sampled from is by ``key``
+    (a stable name of the node's user) when given: a restarted server then
+    samples the same users in the same round."""
+    nodes = sorted(node_ids, key=key)
     return sorted(random.Random(seed * 100_003 + server_round).sample(nodes, min(k, len(nodes))))
 
 

@@ -86,14 +86,14 @@ def attach_levels(base_model: torch.nn.Module, config: LoraConfig, *, seed: int)
 
 def level_state(model: PeftModel, level: str, *, scheme: str | None = None) -> State:
     """A detached copy of a level's tensors; only the sent ones when ``scheme`` is given."""
-    state = get_peft_model_state_dict(model, adapter_name=level)
+    state = get_peft_model_state_dict(model, adapter_name=level, save_embedding_layers=False)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
             if scheme is None or is_trainable_key(k, scheme)}
 
 
 def load_level(model: PeftModel, level: str, state: Mapping[str, torch.Tensor]) -> None:
     """Load (part of) a level's state into its slot; unknown keys or shapes are an error."""
-    expected = get_peft_model_state_dict(model, adapter_name=level)
+    expected = get_peft_model_state_dict(model, adapter_name=level, save_embedding_layers=False)
     for key, tensor in state.items():
         if key not in expected:
             raise AdapterFormatError(f"{level} adapter: unexpected key {key}")

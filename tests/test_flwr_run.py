@@ -41,12 +41,12 @@ def test_flwr_run_local_simulation(tmp_path):
     overrides = (f"model='tiny' data-dir='{population}' run-dir='{run_dir}' max-users=3 "
                  "num-rounds=1 clients-per-round=2 seq-len=32 local-steps=1 user-steps=1 "
                  "eval-max-records=2")
-    env = {**os.environ, "FLWR_HOME": str(flwr_home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    venv_bin = str(Path(sys.executable).parent)  # flwr starts flower-superlink from PATH
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": venv_bin + os.pathsep +
+           os.environ.get("PATH", ""), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
     try:
-        flwr = str(Path(sys.executable).parent / "flwr")  # the venv's, even when not on PATH
-        result = subprocess.run([flwr, "run", ".", "local", "--stream", "--run-config",
+        result = subprocess.run([str(Path(venv_bin) / "flwr"), "run", ".", "local", "--stream", "--run-config",
                                  overrides], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=300)
     finally:

@@ -84,3 +84,27 @@ def test_smollm2_loads_runs_with_lora_and_generates_known_text():
         "The quality of mercy is not just about giving people what they want")
     assert logits_lora.shape == (1, ids["input_ids"].shape[1], 49152)
     assert torch.allclose(logits_lora, logits_base)  # a fresh adapter (B = 0) changes nothing
+
+
+@pytest.mark.real_model
+def test_one_dp_round_on_smollm2_moves_the_released_adapters_only():
+    from client.trainer import DPSettings, train_released
+    from shared.adapters import level_state
+    from shared.config import RunConfig
+    from shared.lm import encode_records
+    from shared.runtime import get_runtime
+    from shared.userdata import Record
+
+    runtime = get_runtime(RunConfig(model="smollm2", lora_rank=4, lora_alpha=8.0))
+    data = encode_records([Record(f"Now is the winter of our discontent, line {i}.")
+                           for i in range(12)], runtime.tokenizer, 32)
+    user_before = level_state(runtime.model, "user")
+
+    result = train_released(runtime.model, data, steps=2, batch_size=4, lr=0.01,
+                            dp=DPSettings(True, 1.0, 1.0), scheme="ffa",
+                            generator=torch.Generator().manual_seed(0))
+
+    assert result.accountant_entry == (1.0, 4 / 12, 2)
+    assert all(torch.equal(user_before[k], v)
+               for k, v in level_state(runtime.model, "user").items())
+    assert all(torch.isfinite(v).all() for v in level_state(runtime.model, "global").values())

@@ -260,3 +260,14 @@ def test_sample_nodes_is_reproducible_and_distinct():
 
 def test_sample_nodes_caps_at_the_population():
     assert sample_nodes({3: {}, 1: {}, 2: {}}, 10, seed=0, server_round=1) == [1, 2, 3]
+
+
+def test_sample_nodes_by_user_key_survives_new_node_ids():
+    # a restarted server sees new random node ids for the same users
+    before = {101: "ann", 205: "bob", 307: "cy", 409: "dee"}
+    after = {999: "ann", 12: "bob", 450: "cy", 77: "dee"}
+
+    first = sample_nodes(before, 2, seed=1, server_round=3, key=before.get)
+    again = sample_nodes(after, 2, seed=1, server_round=3, key=after.get)
+
+    assert sorted(before[n] for n in first) == sorted(after[n] for n in again)
