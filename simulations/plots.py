@@ -42,7 +42,11 @@ def plot_improvement(report: Mapping, path: Path, *, reference: str = "global",
     changes = [100.0 * (new[u]["perplexity"] / ref[u]["perplexity"] - 1.0) for u in new
                if u in ref and math.isfinite(new[u]["perplexity"] or math.nan)]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(changes, bins=min(20, max(5, len(changes) // 2)), color="#4477aa")
+    low, high = (min(changes), max(changes)) if changes else (0.0, 0.0)
+    if high - low < 1e-6:  # numpy cannot cut a (near) zero-width range into several bins
+        low, high = low - 1.0, high + 1.0
+    ax.hist(changes, bins=min(20, max(5, len(changes) // 2)), range=(low, high),
+            color="#4477aa")
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel(f"perplexity change of {level} vs {reference} (%)")
     ax.set_ylabel("users")
