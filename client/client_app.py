@@ -14,6 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.discovery import choose_cluster, cluster_states
 from client.store import DeviceStore
 from client.trainer import (
     DPSettings,
@@ -25,8 +26,7 @@ from client.trainer import (
 from shared.adapters import RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import RunConfig
 from shared.federation import load_run_population, training_users
-from shared.lm import encode_records, evaluate_stats, per_record_loss
-from shared.personas import SELECTION_CLIP, noisy_argmin, selection_noise_std
+from shared.lm import encode_records, evaluate_stats
 from shared.records import record_to_state, state_to_record
 from shared.runtime import Runtime, get_runtime
 from shared.userdata import UserData, load_user
@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     store = DeviceStore(user_dir, cfg.federation_key)
     ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
     data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
-    clusters = _cluster_states(msg.content)
+    clusters = cluster_states(msg.content)
     persona_index = _persona_index(user, info)
     metrics = {"num-examples": len(user.train), "user-index": user_index, "dp": int(cfg.dp),
                "declined": 0}
@@ -125,34 +125,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def choose_cluster(runtime: Runtime, clusters: list[dict], user: UserData, cfg: RunConfig,
-                   generator: torch.Generator, *, private: bool) -> int:
-    """IFCA's assignment step on the device: the persona with the lowest (noisy) loss.
-
-    Scored on the first ``selection-records`` records (a fixed, data-independent
-    choice of rows), per-record losses clipped (see :mod:`shared.personas`)."""
-    m = min(cfg.selection_records, len(user.train))
-    data = encode_records(user.train[:m], runtime.tokenizer, cfg.seq_len)
-    losses = []
-    with torch.no_grad():
-        activate(runtime.model, RELEASED_LEVELS)
-        for state in clusters:
-            load_level(runtime.model, "persona", state)
-            per_record = per_record_loss(runtime.model, data.select(torch.arange(m)))
-            losses.append(float(per_record.clamp(0, SELECTION_CLIP).sum()) / cfg.selection_records)
-    std = selection_noise_std(sigma=cfg.selection_noise, k=len(clusters), clip=SELECTION_CLIP,
-                              m=cfg.selection_records) if private else 0.0
-    return noisy_argmin(losses, noise_std=std, generator=generator)
-
-
-def _cluster_states(content: RecordDict) -> list[dict]:
-    """All K discovered persona adapters, when the server sent them (``persona-0``, ...)."""
-    states = []
-    while f"{KEY_PERSONA}-{len(states)}" in content:
-        states.append(record_to_state(content[f"{KEY_PERSONA}-{len(states)}"]))
-    return states
-
-
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Per-user test metrics at each level: base, global, global+persona, +user.
@@ -165,7 +137,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     store = DeviceStore(user_dir, cfg.federation_key)
     persona_index = _persona_index(user, info)
     _load_levels(runtime, msg.content, persona_index, store)
-    clusters = _cluster_states(msg.content)
+    clusters = cluster_states(msg.content)
     if clusters:  # discovered personas: the user's last choice, else its best fit now
         persona_index = store.load_state().get("cluster", -1)
         if not 0 <= persona_index < len(clusters):

@@ -1,0 +1,43 @@
+"""IFCA on the device: score the K discovered personas, pick one (privately)."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import RecordDict
+
+from shared.adapters import RELEASED_LEVELS, activate, load_level
+from shared.config import RunConfig
+from shared.lm import encode_records, per_record_loss
+from shared.personas import SELECTION_CLIP, noisy_argmin, selection_noise_std
+from shared.records import record_to_state
+from shared.runtime import Runtime
+from shared.userdata import UserData
+from shared.wire import KEY_PERSONA
+
+
+def choose_cluster(runtime: Runtime, clusters: list[dict], user: UserData, cfg: RunConfig,
+                   generator: torch.Generator, *, private: bool) -> int:
+    """IFCA's assignment step on the device: the persona with the lowest (noisy) loss.
+
+    Scored on the first ``selection-records`` records (a fixed, data-independent
+    choice of rows), per-record losses clipped (see :mod:`shared.personas`)."""
+    m = min(cfg.selection_records, len(user.train))
+    data = encode_records(user.train[:m], runtime.tokenizer, cfg.seq_len)
+    losses = []
+    with torch.no_grad():
+        activate(runtime.model, RELEASED_LEVELS)
+        for state in clusters:
+            load_level(runtime.model, "persona", state)
+            per_record = per_record_loss(runtime.model, data.select(torch.arange(m)))
+            losses.append(float(per_record.clamp(0, SELECTION_CLIP).sum()) / cfg.selection_records)
+    std = selection_noise_std(sigma=cfg.selection_noise, k=len(clusters), clip=SELECTION_CLIP,
+                              m=cfg.selection_records) if private else 0.0
+    return noisy_argmin(losses, noise_std=std, generator=generator)
+
+
+def cluster_states(content: RecordDict) -> list[dict]:
+    """All K discovered persona adapters, when the server sent them (``persona-0``, ...)."""
+    states = []
+    while f"{KEY_PERSONA}-{len(states)}" in content:
+        states.append(record_to_state(content[f"{KEY_PERSONA}-{len(states)}"]))
+    return states
