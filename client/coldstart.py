@@ -12,6 +12,7 @@ In order (DESIGN.md, "Personas and cold start"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,24 +46,29 @@ def choose_adapters(*, has_user_adapter: bool, declared_persona: str | None,
     if declared:
         return AdapterChoice(("global", "persona"), declared, SERVED_DECLARED,
                              f"the profile declares persona {declared!r}")
+    ignored = (f"declared persona {declared_persona!r} is unknown to the server; "
+               if declared_persona and not declared else "")
     best = _best(persona_losses, global_loss)
     if best is not None:
         versus = f" vs {global_loss:.3f} for global alone" if global_loss is not None else ""
         return AdapterChoice(
             ("global", "persona"), best, SERVED_FITTED,
-            f"persona {best!r} has the lowest loss on the user's examples "
+            f"{ignored}persona {best!r} has the lowest loss on the user's examples "
             f"({persona_losses[best]:.3f}{versus}) among {len(persona_losses)} personas")
-    why = ("no persona adapter fits the user's examples better than global alone"
-           if persona_losses else "no user adapter, no declared persona and no examples")
-    if declared_persona and not declared:
-        why = f"declared persona {declared_persona!r} is unknown to the server; " + why
-    return AdapterChoice(("global",), None, SERVED_GLOBAL, why)
+    if persona_losses:
+        why = "no persona adapter fits the user's examples better than global alone"
+    elif persona_losses is not None:
+        why = "there is no persona adapter to compare"
+    else:
+        why = "no user adapter, no declared persona and no examples"
+    return AdapterChoice(("global",), None, SERVED_GLOBAL, ignored + why)
 
 
 def _best(persona_losses: Mapping[str, float] | None, global_loss: float | None) -> str | None:
-    if not persona_losses:
+    finite = {p: v for p, v in (persona_losses or {}).items() if math.isfinite(v)}
+    if not finite:
         return None
-    best = min(sorted(persona_losses), key=lambda p: persona_losses[p])
-    if global_loss is not None and not persona_losses[best] < global_loss:
+    best = min(sorted(finite), key=lambda p: finite[p])
+    if global_loss is not None and not finite[best] < global_loss:
         return None
     return best

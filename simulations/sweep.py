@@ -1,7 +1,7 @@
 """``fedpersona sweep``: the same simulation at several privacy budgets, one table and plot.
 
-For each finite budget the noise multiplier is calibrated (Opacus
-``get_noise_multiplier``, RDP) so that the user with the fewest records can
+For each finite budget the noise multiplier is calibrated (bisection on the
+RDP accountant's epsilon) so that the user with the fewest records can
 take part in its expected number of rounds within the budget; ``inf`` runs
 without DP. Everything else is identical across the runs.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from shared.atomic import write_json_atomic, write_text_atomic
 from shared.config import ConfigError, RunConfig
 from shared.federation import load_run_population, training_users
+from shared.privacy import epsilon
 from shared.tables import markdown_table
 from shared.wire import EVAL_LEVELS
 
@@ -34,17 +33,38 @@ def expected_participations(cfg: RunConfig, num_users: int) -> int:
     return max(1, math.ceil(cfg.num_rounds * min(cfg.clients_per_round, num_users) / num_users))
 
 
-def calibrated_config(cfg: RunConfig, epsilon: float) -> RunConfig:
-    """``cfg`` at budget ``epsilon``: noise chosen so the smallest user fits its rounds."""
-    if math.isinf(epsilon):
+def calibrated_config(cfg: RunConfig, budget: float) -> RunConfig:
+    """``cfg`` at ``budget``: the smallest noise multiplier with which the user with the
+    fewest records can take part in its expected rounds within the budget.
+
+    Each round spends ``local-steps + 1`` subsampled Gaussian steps (DP-SGD and the
+    train-loss release) and, with discovered personas, one full-batch Gaussian
+    step for the private choice in every round after the random start.
+    """
+    if math.isinf(budget):
         return cfg.replace(dp=False, target_epsilon=float("inf"))
     users = training_users(load_run_population(cfg), cfg)
     smallest = min(u.num_train for u in users)
     rate = min(1.0, cfg.batch_size / smallest)
-    steps = expected_participations(cfg, len(users)) * (cfg.local_steps + 1)
-    sigma = get_noise_multiplier(target_epsilon=epsilon * 0.98, target_delta=cfg.target_delta,
-                                 sample_rate=rate, steps=steps, accountant="rdp")
-    return cfg.replace(dp=True, target_epsilon=epsilon, noise_multiplier=float(sigma))
+    rounds = expected_participations(cfg, len(users))
+    choosing = max(0, cfg.num_rounds - cfg.discovery_warmup - 1)  # rounds with a private choice
+    choices = math.ceil(choosing * min(cfg.clients_per_round, len(users)) / len(users))
+    fixed = [(cfg.selection_noise, 1.0, choices)] \
+        if cfg.discovered_k and cfg.selection_noise and choices else []
+    target = budget * 0.98
+
+    def spent(sigma: float) -> float:
+        return epsilon([(sigma, rate, rounds * (cfg.local_steps + 1)), *fixed],
+                       delta=cfg.target_delta)
+
+    low, high = 0.1, 1000.0
+    if spent(high) > target:
+        raise ConfigError(f"budget {budget:g} cannot be met: the private persona choice alone "
+                          f"(selection-noise {cfg.selection_noise:g}) spends more")
+    for _ in range(60):  # bisection: spent() falls as sigma grows
+        middle = (low + high) / 2
+        low, high = (middle, high) if spent(middle) > target else (low, middle)
+    return cfg.replace(dp=True, target_epsilon=budget, noise_multiplier=high)
 
 
 def sweep_rows(reports: dict[float, dict]) -> list[dict]:

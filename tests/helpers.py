@@ -115,3 +115,21 @@ def round_message(cfg: RunConfig, state: ServerState, persona: str | None, messa
 def node_context(partition_id: int = 0) -> Context:
     return Context(run_id=1, node_id=1, node_config={"partition-id": partition_id},
                    state=RecordDict(), run_config={})
+
+
+def fit_persona(model: PeftModel, records, start: dict, *, steps: int = 10, lr: float = 0.1,
+                seq_len: int = 24) -> dict:
+    """Non-private Adam steps on the persona slot (B only) from ``start``; its new state."""
+    from shared.adapters import activate, load_level
+    from shared.lm import encode_records, per_record_loss
+
+    load_level(model, "persona", start)
+    data = encode_records(records, tokenizer(), seq_len)
+    optimizer = torch.optim.Adam(activate(model, ("global", "persona"), train=("persona",),
+                                          scheme="ffa"), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        per_record_loss(model, data.select(torch.arange(len(data)))).mean().backward()
+        optimizer.step()
+    activate(model, ("global", "persona"))
+    return level_state(model, "persona")

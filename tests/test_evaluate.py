@@ -1,0 +1,207 @@
+"""The evaluation harness (simulations.evaluate) and the metrics it reports (shared.metrics):
+hand-computed summaries, and evaluate_run on a small run directory built by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from helpers import fit_persona, tiny_lora, tiny_peft
+
+from shared.adapters import level_state, save_adapter
+from shared.config import RunConfig
+from shared.metrics import TokenStats, macro_summary, stats_from_sums
+from shared.userdata import (
+    ROLE_COLD_CHARACTER,
+    ROLE_COLD_PLAY,
+    ROLE_TRAIN,
+    Profile,
+    Record,
+    UserData,
+    load_population,
+    write_population,
+)
+from simulations import evaluate as evaluation
+from simulations.evaluate import (
+    EvaluationError,
+    evaluate_run,
+    load_run_config,
+    summarize,
+)
+
+SEQ_LEN = 24
+STYLE_X = (Record("abab abab abab"), Record("ab abab ab abab")) * 3
+STYLE_Y = (Record("zzzz 1234 zzzz"), Record("9876 zzzz 5432")) * 3
+TEST_X = (Record("abab ab abab"), Record("ab ab abab ab"))
+TEST_Y = (Record("zzzz 5678"), Record("1234 zzzz zz"))
+
+
+# -- metrics on hand values --------------------------------------------------------------------
+
+def test_token_stats_perplexity_accuracy_and_sums():
+    stats = TokenStats(nll_sum=3 * math.log(2.0), correct=2, tokens=3)
+
+    assert stats.perplexity == pytest.approx(2.0)
+    assert stats.token_accuracy == pytest.approx(2 / 3)
+    pooled = stats + TokenStats(nll_sum=math.log(16.0), correct=1, tokens=1)
+    assert pooled == TokenStats(3 * math.log(2.0) + math.log(16.0), 3, 4)
+    assert pooled.perplexity == pytest.approx(math.exp(7 * math.log(2.0) / 4))
+    assert stats_from_sums([1.5, 2.0, 3.0]) == TokenStats(1.5, 2, 3)
+
+
+def test_macro_summary_mean_and_normal_ci95():
+    summary = macro_summary({"u1": 2.0, "u2": 8.0, "u3": float("nan")})
+
+    # stdev([2, 8]) = sqrt(18) -> 1.96 * sqrt(18) / sqrt(2) = 1.96 * 3
+    assert summary == {"mean": pytest.approx(5.0), "ci95": pytest.approx(5.88), "n": 2}
+
+
+def test_summarize_macro_averages_users_and_keeps_every_user():
+    # Arrange: perplexities 2 and 8, accuracies 1 and 1/2; one user without test tokens
+    per_user = {"u2": TokenStats(nll_sum=2 * math.log(8.0), correct=1, tokens=2),
+                "u1": TokenStats(nll_sum=3 * math.log(2.0), correct=3, tokens=3),
+                "u3": TokenStats(0.0, 0, 0)}
+
+    # Act
+    summary = summarize(per_user)
+
+    # Assert
+    assert summary["perplexity"] == pytest.approx(5.0)
+    assert summary["perplexity_ci95"] == pytest.approx(5.88)
+    assert summary["token_accuracy"] == pytest.approx(0.75)
+    assert summary["token_accuracy_ci95"] == pytest.approx(1.96 * 0.25)
+    assert summary["users"] == 2  # the empty user has no perplexity to average
+    assert list(summary["per_user"]) == ["u1", "u2", "u3"]
+    assert summary["per_user"]["u2"] == {"perplexity": pytest.approx(8.0),
+                                         "token_accuracy": pytest.approx(0.5)}
+    assert math.isnan(summary["per_user"]["u3"]["perplexity"])
+
+
+def test_summarize_of_nobody_is_nan_with_zero_users():
+    summary = summarize({})
+
+    assert summary["users"] == 0 and math.isnan(summary["perplexity"])
+
+
+# -- the run's configuration -------------------------------------------------------------------
+
+def test_load_run_config_without_a_report_is_a_clear_error(tmp_path):
+    with pytest.raises(EvaluationError, match="report.json"):
+        load_run_config(tmp_path)
+
+
+def test_load_run_config_reads_back_the_runs_settings(tmp_path):
+    cfg = RunConfig(model="tiny", personas="discovered:3", num_rounds=7, seq_len=24,
+                    target_epsilon=2.5)
+    (tmp_path / "report.json").write_text(json.dumps({"config": cfg.to_flower()}))
+
+    assert load_run_config(tmp_path) == cfg
+
+
+# -- evaluate_run on a hand-built run ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Two training users (persona a in style X, b in style Y), cold-start users of a known
+    play (declared a; no label) and of a held-out play (label unknown to the run), and a
+    run directory with persona a fitted to X and b to Y."""
+    root = tmp_path_factory.mktemp("evaluate")
+    write_population(root / "pop", [
+        (ROLE_TRAIN, UserData(Profile("t1", "a"), STYLE_X, TEST_X)),
+        (ROLE_TRAIN, UserData(Profile("t2", "b"), STYLE_Y, TEST_Y)),
+        (ROLE_COLD_CHARACTER, UserData(Profile("c1", "a"), STYLE_X, TEST_X)),
+        (ROLE_COLD_CHARACTER, UserData(Profile("c2", None), STYLE_X, TEST_X)),
+        (ROLE_COLD_PLAY, UserData(Profile("p1", "pastoral"), STYLE_Y, TEST_Y)),
+    ], {"personas": ["a", "b"]})
+    run = root / "run"
+    cfg = RunConfig(model="tiny", data_dir=str(root / "pop"), max_users=0, num_rounds=1,
+                    local_steps=1, user_steps=0, batch_size=2, seq_len=SEQ_LEN,
+                    run_dir=str(run), device="cpu", lora_rank=4, lora_alpha=8.0,
+                    eval_max_records=2)
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"config": cfg.to_flower()}))
+    model = tiny_peft(seed=0)
+    start = level_state(model, "persona")
+    save_adapter(run / "adapters" / "global", level_state(model, "global"), tiny_lora())
+    save_adapter(run / "adapters" / "persona" / "a", fit_persona(model, STYLE_X, start), tiny_lora())
+    save_adapter(run / "adapters" / "persona" / "b", fit_persona(model, STYLE_Y, start), tiny_lora())
+    return run
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir):
+    return evaluate_run(run_dir, cold_start_k=3, baseline_users=1, centralized_steps=2,
+                        progress=lambda _: None)
+
+
+def test_evaluate_run_reports_levels_baselines_and_both_cold_start_groups(evaluated):
+    assert set(evaluated) >= {"levels", "baselines", "cold_start", "cold_start_held_out_plays",
+                              "seconds"}
+    assert set(evaluated["levels"]) == {"base", "global", "global+persona",
+                                        "global+persona+user"}
+    assert all(level["users"] == 2 and set(level["per_user"]) == {"t1", "t2"}
+               for level in evaluated["levels"].values())
+    assert set(evaluated["baselines"]["local-only"]["per_user"]) == {"t1"}
+    assert set(evaluated["baselines"]["centralized"]["per_user"]) == {"t1"}
+    assert set(evaluated["cold_start"]["choices"]) == {"c1", "c2"}
+    assert set(evaluated["cold_start_held_out_plays"]["choices"]) == {"p1"}
+
+
+def test_persona_level_helps_the_training_users_of_that_style(evaluated):
+    per_user = evaluated["levels"]
+    for user in ("t1", "t2"):
+        assert (per_user["global+persona"]["per_user"][user]["perplexity"]
+                < per_user["global"]["per_user"][user]["perplexity"])
+    # no user adapters exist, so the user level changes nothing
+    for user in ("t1", "t2"):
+        assert per_user["global+persona+user"]["per_user"][user]["perplexity"] == pytest.approx(
+            per_user["global+persona"]["per_user"][user]["perplexity"])
+
+
+def test_kshot_choice_finds_each_cold_start_users_style(evaluated):
+    known, held_out = evaluated["cold_start"], evaluated["cold_start_held_out_plays"]
+
+    assert known["choices"]["c1"] == {"declared": "a", "kshot": "a",
+                                      "kshot_served_by": "persona (lowest loss on the user's "
+                                                         "examples)"}
+    assert known["choices"]["c2"]["kshot"] == "a" and known["choices"]["c2"]["declared"] is None
+    assert held_out["choices"]["p1"]["kshot"] == "b"
+    assert known["kshot_matches_declared"] == 1.0  # c2 declares nothing and is not counted
+    assert held_out["kshot_matches_declared"] == 0.0  # "pastoral" is no persona of the run
+
+
+def test_zero_shot_fallback_uses_the_declared_persona_else_global(evaluated):
+    known, held_out = evaluated["cold_start"], evaluated["cold_start_held_out_plays"]
+
+    def ppl(group, name, user):
+        return group[name]["per_user"][user]["perplexity"]
+
+    # c1 declares "a", which is also its k-shot choice: the same adapters serve both
+    assert ppl(known, "persona_fallback_0shot", "c1") == pytest.approx(
+        ppl(known, "persona_fallback_kshot", "c1"))
+    # c2 and p1 have no usable label: 0-shot is global alone
+    assert ppl(known, "persona_fallback_0shot", "c2") == pytest.approx(ppl(known, "global", "c2"))
+    assert ppl(held_out, "persona_fallback_0shot", "p1") == pytest.approx(
+        ppl(held_out, "global", "p1"))
+    assert ppl(known, "persona_fallback_kshot", "c2") < ppl(known, "global", "c2")
+
+
+@pytest.mark.parametrize("leaked_id", ["c1", "p1"])
+def test_evaluate_run_refuses_a_cold_start_user_who_took_part_in_training(
+        run_dir, monkeypatch, leaked_id):
+    # Arrange: the run's training users include a cold-start user
+    population = load_population(load_run_config(run_dir).data_dir)
+    entries = {u.user_id: u for u in population.users}
+    leaked = (entries["t1"], entries["t2"], entries[leaked_id])
+    monkeypatch.setattr(evaluation, "training_users", lambda population, cfg: leaked)
+
+    # Act / Assert
+    with pytest.raises(EvaluationError, match=leaked_id):
+        evaluate_run(run_dir, cold_start_k=2, baseline_users=1, centralized_steps=1,
+                     include_levels=False, progress=lambda _: None)
+
+
+def test_evaluate_run_without_a_report_is_refused(tmp_path):
+    with pytest.raises(EvaluationError, match="missing"):
+        evaluate_run(tmp_path, progress=lambda _: None)
