@@ -8,7 +8,7 @@ import torch
 
 from client.coldstart import AdapterChoice, choose_adapters
 from client.store import DeviceStore
-from shared.adapters import activate, load_level
+from shared.adapters import activate
 from shared.lm import encode_records, per_record_loss
 from shared.userdata import load_user
 
@@ -62,7 +62,3 @@ def generate_text(evaluator, choice: AdapterChoice, prompt: str, *, max_new_toke
         pad_token_id=runtime.tokenizer.pad_token_id)
     return runtime.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
                                     skip_special_tokens=True)
-
-
-def reset_user_level(evaluator) -> None:
-    load_level(evaluator.runtime.model, "user", evaluator.runtime.initial["user"])

@@ -46,9 +46,5 @@ def training_users(population: Population, cfg: RunConfig) -> tuple[PopulationEn
     return tuple(sorted(chosen, key=lambda u: u.user_id))
 
 
-def persona_names(population: Population) -> tuple[str, ...]:
-    return population.personas
-
-
 def load_run_population(cfg: RunConfig) -> Population:
     return load_population(population_dir(cfg))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -37,8 +37,3 @@ def macro_summary(per_user: Mapping[str, float]) -> dict[str, float]:
     mean = statistics.fmean(values)
     half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return {"mean": mean, "ci95": half, "n": len(values)}
-
-
-def stats_from_sums(values: Sequence[float]) -> TokenStats:
-    nll, correct, tokens = values
-    return TokenStats(float(nll), int(correct), int(tokens))

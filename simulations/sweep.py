@@ -14,7 +14,7 @@ from pathlib import Path
 from shared.atomic import write_json_atomic, write_text_atomic
 from shared.config import ConfigError, RunConfig
 from shared.federation import load_run_population, training_users
-from shared.privacy import epsilon
+from shared.privacy import epsilon as accounted_epsilon
 from shared.tables import markdown_table
 from shared.wire import EVAL_LEVELS
 
@@ -54,8 +54,8 @@ def calibrated_config(cfg: RunConfig, budget: float) -> RunConfig:
     target = budget * 0.98
 
     def spent(sigma: float) -> float:
-        return epsilon([(sigma, rate, rounds * (cfg.local_steps + 1)), *fixed],
-                       delta=cfg.target_delta)
+        return accounted_epsilon([(sigma, rate, rounds * (cfg.local_steps + 1)), *fixed],
+                                 delta=cfg.target_delta)
 
     low, high = 0.1, 1000.0
     if spent(high) > target:

@@ -18,7 +18,7 @@ from client.coldstart import (
     AdapterChoice,
     choose_adapters,
 )
-from client.generate import choose_for_user, generate_text, reset_user_level
+from client.generate import choose_for_user, generate_text
 from client.store import DeviceStore
 from shared.adapters import activate, level_state, load_level, save_adapter
 from shared.config import RunConfig
@@ -334,7 +334,7 @@ def test_choose_for_user_serves_the_stored_user_adapter_first(evaluator, tmp_pat
     assert choice.levels == ("global", "persona", "user") and choice.persona == "a"
     assert _same_state(_slot(evaluator, "user"), user_state)
 
-    reset_user_level(evaluator)
+    evaluator.load()  # the next test starts from clean slots
     assert _same_state(_slot(evaluator, "user"), evaluator.runtime.initial["user"])
 
 

@@ -11,7 +11,7 @@ from helpers import fit_persona, tiny_lora, tiny_peft
 
 from shared.adapters import level_state, save_adapter
 from shared.config import RunConfig
-from shared.metrics import TokenStats, macro_summary, stats_from_sums
+from shared.metrics import TokenStats, macro_summary
 from shared.userdata import (
     ROLE_COLD_CHARACTER,
     ROLE_COLD_PLAY,
@@ -47,7 +47,6 @@ def test_token_stats_perplexity_accuracy_and_sums():
     pooled = stats + TokenStats(nll_sum=math.log(16.0), correct=1, tokens=1)
     assert pooled == TokenStats(3 * math.log(2.0) + math.log(16.0), 3, 4)
     assert pooled.perplexity == pytest.approx(math.exp(7 * math.log(2.0) / 4))
-    assert stats_from_sums([1.5, 2.0, 3.0]) == TokenStats(1.5, 2, 3)
 
 
 def test_macro_summary_mean_and_normal_ci95():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from shared.metrics import TokenStats, macro_summary, stats_from_sums
+from shared.metrics import TokenStats, macro_summary
 
 
 def test_perplexity_is_exp_of_mean_nll():
@@ -41,13 +41,6 @@ def test_addition_sums_fields_and_pools_perplexity():
     assert total == TokenStats(6.0, 4, 6)
     assert total.perplexity == math.exp(1.0)
     assert total.token_accuracy == 4 / 6
-
-
-def test_stats_from_sums():
-    stats = stats_from_sums([3.5, 2.0, 7.0])
-
-    assert stats == TokenStats(3.5, 2, 7)
-    assert type(stats.correct) is int and type(stats.tokens) is int
 
 
 def test_macro_summary_mean_and_ci95():
