@@ -57,13 +57,16 @@ class PrivacyLedger:
         self.rounds += 1
 
     def to_json(self) -> dict:
-        return {"target_epsilon": self.target_epsilon, "target_delta": self.target_delta,
+        # JSON has no Infinity: an unlimited budget is written as null
+        budget = self.target_epsilon if math.isfinite(self.target_epsilon) else None
+        return {"target_epsilon": budget, "target_delta": self.target_delta,
                 "history": [list(e) for e in self.history], "rounds": self.rounds,
                 "epsilon": self.epsilon, "accountant": "rdp"}
 
     @classmethod
     def from_json(cls, raw: dict) -> PrivacyLedger:
-        return cls(target_epsilon=float(raw["target_epsilon"]),
+        budget = raw["target_epsilon"]
+        return cls(target_epsilon=math.inf if budget is None else float(budget),
                    target_delta=float(raw["target_delta"]),
                    history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
                    rounds=int(raw.get("rounds", 0)))

@@ -207,3 +207,15 @@ def test_federation_key_depends_on_run_dir_and_adapter_shape():
     assert base.federation_key != base.replace(run_dir="/runs/two").federation_key
     assert base.federation_key != base.replace(lora_rank=4).federation_key
     assert base.federation_key == base.replace(num_rounds=99).federation_key
+
+
+def test_an_unlimited_budget_survives_the_round_trip(tmp_path):
+    # no-DP runs use target-epsilon = inf; JSON has no Infinity
+    store = DeviceStore(tmp_path, "fed")
+    ledger = store.load_ledger(target_epsilon=math.inf, target_delta=1e-5)
+    ledger.record()
+    store.save_ledger(ledger)
+
+    again = DeviceStore(tmp_path, "fed").load_ledger(target_epsilon=math.inf, target_delta=1e-5)
+
+    assert again.target_epsilon == math.inf and again.rounds == 1
