@@ -9,7 +9,6 @@ import torch
 from client.coldstart import AdapterChoice, choose_adapters
 from client.store import DeviceStore
 from shared.adapters import activate
-from shared.lm import encode_records, per_record_loss
 from shared.userdata import load_user
 
 MAX_SHOTS = 5
@@ -23,30 +22,18 @@ def choose_for_user(evaluator, user_dir: Path, *, shots: int = MAX_SHOTS) -> Ada
     adapters on the loaded model). Loss-based choice uses the user's first
     ``shots`` records, on the device; nothing is trained.
     """
-    cfg, runtime = evaluator.cfg, evaluator.runtime
     user = load_user(user_dir, allow_empty=True)
-    user_state = DeviceStore(user_dir, cfg.federation_key).load_user_adapter()
+    user_state = DeviceStore(user_dir, evaluator.cfg.federation_key).load_user_adapter()
     known = tuple(evaluator.persona_states)
     losses, global_loss = None, None
     declared = user.profile.persona if user.profile.persona in known else None
     if not declared and user.train and shots:
-        data = encode_records(user.train[:shots], runtime.tokenizer, cfg.seq_len)
-        losses = {}
-        for persona in known:
-            evaluator.load(persona=persona)
-            losses[persona] = _mean_loss(runtime.model, data, ("global", "persona"))
-        evaluator.load()
-        global_loss = _mean_loss(runtime.model, data, ("global",))
+        losses, global_loss = evaluator.fit_losses(user.train[:shots])
     choice = choose_adapters(has_user_adapter=user_state is not None,
                              declared_persona=user.profile.persona, known_personas=known,
                              persona_losses=losses, global_loss=global_loss)
     evaluator.load(persona=choice.persona, user_state=user_state)
     return choice
-
-
-def _mean_loss(model, data, levels) -> float:
-    activate(model, levels)
-    return float(per_record_loss(model, data.select(torch.arange(len(data)))).mean())
 
 
 @torch.no_grad()

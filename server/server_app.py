@@ -66,7 +66,6 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         progress(f"resuming {run_dir} after round {state.round}")
     expected = {k: tuple(v.shape) for k, v in sent_part(runtime.initial["global"],
                                                           cfg.lora_scheme).items()}
-    config_record = run_config_record(cfg)
 
     nodes = wait_for_nodes(grid, min(len(users), cfg.clients_per_round))
     node_info = query_nodes(grid, nodes, cfg, personas)
@@ -83,10 +82,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         messages = []
         discovering = bool(k) and server_round > cfg.discovery_warmup
         for node in chosen:
-            content = (discovery_content(state, personas, cfg.lora_scheme) if discovering else
-                       train_content(state, node_info[node]["persona"], cfg.lora_scheme))
-            content[KEY_CONFIG] = config_record
-            content[KEY_ROUND] = round_record(server_round, personas)
+            content = round_content(state, node_info[node]["persona"], personas, cfg,
+                                    server_round, all_personas=discovering)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = list(grid.send_and_receive(messages))
         accepted, declined, rejected, norms, losses = [], 0, [], [], []
@@ -160,6 +157,17 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     write_report(run_dir, report)
     progress(f"wrote {run_dir / 'report.md'} and report.json")
     return report
+
+
+def round_content(state: ServerState, persona: str | None, personas: tuple[str, ...],
+                  cfg: RunConfig, server_round: int, *, all_personas: bool) -> RecordDict:
+    """What a client gets: global and its own persona (or all K discovered ones to choose
+    from), the run config and the round info."""
+    content = (discovery_content(state, personas, cfg.lora_scheme) if all_personas else
+               train_content(state, persona, cfg.lora_scheme))
+    content[KEY_CONFIG] = run_config_record(cfg)
+    content[KEY_ROUND] = round_record(server_round, personas)
+    return content
 
 
 def initial_personas(runtime, personas: tuple[str, ...], cfg: RunConfig) -> dict:
@@ -243,10 +251,8 @@ def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: 
                    user_name: dict[int, str]) -> dict[str, dict[str, TokenStats]]:
     messages = []
     for node in nodes:
-        content = (discovery_content(state, personas, cfg.lora_scheme) if cfg.discovered_k else
-                   train_content(state, node_info[node]["persona"], cfg.lora_scheme))
-        content[KEY_CONFIG] = run_config_record(cfg)
-        content[KEY_ROUND] = round_record(state.round, personas)
+        content = round_content(state, node_info[node]["persona"], personas, cfg, state.round,
+                                all_personas=bool(cfg.discovered_k))
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
     per_user: dict[str, dict[str, TokenStats]] = {}
     for reply in successful(grid.send_and_receive(messages), "evaluation"):

@@ -20,6 +20,16 @@ SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 DTYPES = ("float32", "bfloat16")
 
 
+DISCOVERED_PREFIX = "discovered:"
+
+
+def parse_discovered(personas: str) -> int | None:
+    """``"discovered:6"`` -> 6; ``None`` for declared schemes (genre, play)."""
+    if not personas.startswith(DISCOVERED_PREFIX):
+        return None
+    return int(personas[len(DISCOVERED_PREFIX):])
+
+
 class ConfigError(ValueError):
     """A run setting is unknown or has a bad value."""
 
@@ -71,8 +81,8 @@ class RunConfig:
     eval_max_records: int = 16  # test records per user used in evaluation
 
     def __post_init__(self) -> None:
-        if self.personas.startswith("discovered:"):
-            k = self.personas.split(":", 1)[1]
+        if self.personas.startswith(DISCOVERED_PREFIX):
+            k = self.personas[len(DISCOVERED_PREFIX):]
             if not (k.isdigit() and int(k) >= 2):
                 raise ConfigError(f"personas = discovered:K needs an integer K >= 2, got "
                                   f"{self.personas!r}")
@@ -125,8 +135,7 @@ class RunConfig:
     @property
     def discovered_k(self) -> int | None:
         """K for ``personas = "discovered:K"``, else ``None``."""
-        return int(self.personas.split(":", 1)[1]) if self.personas.startswith(
-            "discovered:") else None
+        return parse_discovered(self.personas)
 
     @property
     def dataset_personas(self) -> str:

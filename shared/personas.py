@@ -23,15 +23,9 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-DISCOVERED_PREFIX = "discovered:"
+from shared.config import DISCOVERED_PREFIX, parse_discovered  # noqa: F401  (re-exported)
+
 SELECTION_CLIP = 8.0  # nats: per-record losses are clipped to [0, 8] before scoring personas
-
-
-def parse_discovered(personas: str) -> int | None:
-    """``"discovered:6"`` -> 6; ``None`` for declared schemes."""
-    if not personas.startswith(DISCOVERED_PREFIX):
-        return None
-    return int(personas[len(DISCOVERED_PREFIX):])
 
 
 def cluster_names(k: int) -> tuple[str, ...]:

@@ -99,6 +99,17 @@ class RunEvaluator:
         return float(per_record_loss(self.runtime.model, data.select(
             torch.arange(len(data)))).mean())
 
+    def fit_losses(self, records) -> tuple[dict[str, float], float]:
+        """Mean loss on ``records`` of global + each persona, and of global alone: what the
+        loss-based cold-start choice compares (no training). Leaves clean slots."""
+        data = self.encode(records)
+        losses = {}
+        for persona in self.persona_states:
+            self.load(persona=persona)
+            losses[persona] = self.mean_loss(data, ("global", "persona"))
+        self.load()
+        return losses, self.mean_loss(data, ("global",))
+
 
 def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int = 8,
                  baseline_users: int = 8, centralized_steps: int | None = None,
@@ -215,13 +226,7 @@ def _cold_start(ev: RunEvaluator, population, users, k: int) -> dict:
         ev.load(persona=zero.persona)
         out["persona_fallback_0shot"][entry.user_id] = ev.stats(data, zero.levels)
         # k-shot: the first k training records decide, without any declared label
-        shots = ev.encode(user.train[:k])
-        losses = {}
-        for persona in known:
-            ev.load(persona=persona)
-            losses[persona] = ev.mean_loss(shots, ("global", "persona"))
-        ev.load()
-        global_loss = ev.mean_loss(shots, ("global",))
+        losses, global_loss = ev.fit_losses(user.train[:k])
         few = choose_adapters(has_user_adapter=False, declared_persona=None,
                               known_personas=known, persona_losses=losses,
                               global_loss=global_loss)
