@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 
 from shared.config import RunConfig
+
+# CI machines are small and shared: a property test must not fail on wall-clock time.
+settings.register_profile("fedpersona", deadline=None)
+settings.load_profile("fedpersona")
 
 
 @pytest.fixture
