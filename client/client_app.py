@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.discovery import choose_cluster, cluster_states
+from client.node import resolve_user
 from client.store import DeviceStore
 from client.trainer import (
     DPSettings,
@@ -23,9 +23,9 @@ from client.trainer import (
     train_released,
     train_user,
 )
+from client.wire_log import record_wire
 from shared.adapters import RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import RunConfig
-from shared.federation import load_run_population, training_users
 from shared.lm import encode_records, evaluate_stats
 from shared.records import record_to_state, state_to_record
 from shared.runtime import Runtime, get_runtime
@@ -41,10 +41,8 @@ from shared.wire import (
 )
 
 log = logging.getLogger("fedpersona.client")
-app = ClientApp()
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this user's persona index (public per the threat model) and example count."""
     cfg, info = _setup(msg)
@@ -55,7 +53,6 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({KEY_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, info = _setup(msg)
     runtime = get_runtime(cfg)
@@ -125,7 +122,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Per-user test metrics at each level: base, global, global+persona, +user.
 
@@ -167,19 +163,6 @@ def _setup(msg: Message) -> tuple[RunConfig, ConfigRecord]:
     return read_run_config(msg.content[KEY_CONFIG]), msg.content[KEY_ROUND]
 
 
-def resolve_user(context: Context, cfg: RunConfig) -> tuple[Path, int]:
-    """The user directory this node serves, and its index among simulated users (-1 if real)."""
-    if "user-dir" in context.node_config:
-        return Path(str(context.node_config["user-dir"])).expanduser(), -1
-    partition = int(context.node_config["partition-id"])
-    population = load_run_population(cfg)
-    users = training_users(population, cfg)
-    if partition >= len(users):
-        raise ValueError(f"partition-id {partition} but the run has {len(users)} users: set "
-                         f"num-supernodes to {len(users)}")
-    return population.user_dir(users[partition].user_id), partition
-
-
 def _persona_index(user: UserData, info: ConfigRecord) -> int:
     names = list(info["persona-names"])
     return names.index(user.profile.persona) if user.profile.persona in names else -1
@@ -203,3 +186,15 @@ def _seed(cfg: RunConfig, server_round: int, user: UserData) -> int:
     digest = hashlib.sha256(f"{cfg.seed}:{server_round}:{user.profile.user_id}".encode())
     return int.from_bytes(digest.digest()[:8], "big") >> 1
 
+
+def make_client_app(*extra_mods) -> ClientApp:
+    """The ClientApp. The wire log is the outermost mod: it records each reply exactly as
+    it leaves (``extra_mods`` run inside it; tests use them to misbehave on purpose)."""
+    client_app = ClientApp(mods=[record_wire, *extra_mods])
+    client_app.query()(query)
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()

@@ -123,6 +123,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         state.rejected.extend(rejected)
         state.history.append({
             "round": server_round, "clients": len(chosen), "accepted": len(accepted),
+            # whose DP update counted (the ledger audit checks no device undercounts them)
+            "trained_users": sorted(u for u, _ in accepted),
             "declined": declined, "rejected": len(rejected),
             "train_loss": weighted_loss(losses),
             "update_norm": sum(norms) / len(norms) if norms else float("nan"),

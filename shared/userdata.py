@@ -219,12 +219,14 @@ def _write_jsonl(path: Path, records: Sequence[Record]) -> None:
 
 
 def write_population(out: Path, users: Iterable[tuple[str, UserData]], meta: dict[str, Any],
-                     *, force: bool = False) -> Population:
+                     *, force: bool = False, extra_files: dict[str, str] | None = None
+                     ) -> Population:
     """Write ``(role, user)`` pairs as a population at ``out``, all or nothing.
 
     Everything is written into a staging directory next to ``out`` and renamed
     into place at the end, so an error half-way leaves no partial population and
     an existing one is only replaced (with ``force``) once the new one is whole.
+    ``extra_files`` (relative path -> text) go in with it, e.g. an audit's plan.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -244,6 +246,9 @@ def write_population(out: Path, users: Iterable[tuple[str, UserData]], meta: dic
         manifest = {"meta": meta, "users": [e.__dict__ for e in entries]}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n",
                                              encoding="utf-8")
+        for relative, text in (extra_files or {}).items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative).write_text(text, encoding="utf-8")
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

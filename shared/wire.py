@@ -27,6 +27,20 @@ EVAL_LEVELS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What a client may send back, per message type: these records and metric names
+# only, every metric a scalar number. The wire audit holds replies to this list.
+REPLY_ARRAYS: dict[str, tuple[str, ...]] = {"query": (), "train": (KEY_GLOBAL, KEY_PERSONA),
+                                             "evaluate": ()}
+STAT_NAMES = ("nll-sum", "correct", "tokens")
+REPLY_METRICS: dict[str, frozenset[str]] = {
+    "query": frozenset({"persona-index", "num-examples", "user-index"}),
+    "train": frozenset({"num-examples", "user-index", "dp", "declined", "persona-index",
+                        "epsilon", "steps", "train-loss", "selection-private"}),
+    "evaluate": frozenset({"user-index", "persona-index", "num-examples"} | {
+        f"{level}/{stat}" for level in EVAL_LEVELS for stat in STAT_NAMES}),
+}
+
+
 def run_config_record(cfg: RunConfig) -> ConfigRecord:
     return ConfigRecord(cfg.to_flower())
 

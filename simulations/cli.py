@@ -23,9 +23,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from shared.shakespeare import CorpusNotFoundError
     from shared.adapters import AdapterFormatError
     from shared.userdata import DataFormatError
+    from simulations.audit_plant import AuditSetupError
     from simulations.evaluate import EvaluationError
 
-    return (UserFacingError, AdapterFormatError, EvaluationError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
+    return (UserFacingError, AuditSetupError, AdapterFormatError, EvaluationError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
             DataFormatError, FileExistsError, FileNotFoundError, ValueError)
 
 
@@ -81,7 +82,45 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epsilons", default="1,4,8,inf")
     sweep.add_argument("--out", required=True, type=Path)
     sweep.add_argument("settings", nargs="*", metavar="key=value")
+
+    audit = commands.add_parser("audit", help="privacy audits (ledger, wire, canary, mia, "
+                                "one-run, all) and planting an audit population")
+    checks = audit.add_subparsers(dest="check", required=True)
+    for check, text in AUDIT_CHECKS.items():
+        _add_audit_arguments(checks.add_parser(check, help=text), plant=check == "plant")
     return parser
+
+
+AUDIT_CHECKS = {
+    "plant": "write an audit population: canaries planted, half the records held out",
+    "ledger": "recompute every device's epsilon from its accountant history",
+    "wire": "check every reply the devices sent against what may leave them",
+    "canary": "exposure of planted secrets (Carlini et al., the Secret Sharer)",
+    "mia": "membership inference: ROC AUC and TPR at 1% and 0.1% FPR",
+    "one-run": "empirical epsilon lower bound from one training run (Steinke et al.)",
+    "all": "every check, no-DP and DP side by side",
+}
+
+
+def _add_audit_arguments(parser: argparse.ArgumentParser, *, plant: bool) -> None:
+    if plant:
+        parser.add_argument("--out", type=Path, required=True, help="population directory")
+        parser.add_argument("--force", action="store_true", help="replace a population")
+    else:
+        parser.add_argument("--run", type=Path, action="append", default=[], dest="runs",
+                            help="a finished run to check (repeat for several)")
+        parser.add_argument("--out", type=Path,
+                            help="audit directory: plant, then train the no-DP and DP runs "
+                                 "there (finished ones are reused)")
+        parser.add_argument("--candidates", type=int, default=1000,
+                            help="random secrets each canary is ranked against")
+    parser.add_argument("--one-run-canaries", type=int, default=100)
+    parser.add_argument("--repeated-canaries", type=int, default=8)
+    parser.add_argument("--copies", type=int, default=4, help="copies of a repeated canary")
+    parser.add_argument("--holdout-fraction", type=float, default=0.5,
+                        help="chance that a training record is held out as a non-member")
+    parser.add_argument("settings", nargs="*", metavar="key=value",
+                        help="run settings of the audited federation, e.g. num-rounds=3")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +154,38 @@ def _dispatch(args: argparse.Namespace) -> int:
         from simulations.sweep import run_sweep_command
 
         return run_sweep_command(args.out, args.epsilons, args.settings)
+    if args.command == "audit":
+        return _audit(args)
     raise UserFacingError(f"unknown command {args.command}")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from simulations.audit import AuditFailed, run_audit_command
+    from simulations.audit_plant import PlantSettings
+
+    settings = PlantSettings(one_run_canaries=args.one_run_canaries,
+                             repeated_canaries=args.repeated_canaries, copies=args.copies,
+                             holdout_fraction=args.holdout_fraction)
+    if args.check == "plant":
+        from simulations.audit import AUDIT_DEFAULTS
+        from simulations.audit_plant import plant
+        from simulations.simulate import resolve_config
+
+        cfg = resolve_config(None, [f"{k}={v}" for k, v in AUDIT_DEFAULTS.items()]
+                             + args.settings)
+        population, plan = plant(cfg, args.out, settings, force=args.force)
+        included = sum(c.included for c in plan.canaries)
+        print(f"planted {len(plan.canaries)} canaries ({included} included) in "
+              f"{len(population.users)} users at {population.root}; train on it with "
+              f"data-dir={population.root}")
+        return 0
+    try:
+        return run_audit_command(args.check, runs=args.runs, out=args.out,
+                                 settings=args.settings, plant_settings=settings,
+                                 candidates=args.candidates)
+    except AuditFailed as err:
+        print(f"fedpersona: {err}", file=sys.stderr)
+        return 1
 
 
 def _evaluate(args: argparse.Namespace) -> int:

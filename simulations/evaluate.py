@@ -16,6 +16,7 @@ device's files, which no real server could.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -94,10 +95,22 @@ class RunEvaluator:
         return evaluate_stats(model, data)
 
     @torch.no_grad()
+    def record_losses(self, data: EncodedRecords, levels: Sequence[str], *,
+                      batch_size: int = 32) -> torch.Tensor:
+        """``(N,)`` mean NLL of each record under ``levels`` (``()``: the base model)."""
+        model = self.runtime.model
+        model.eval()
+        if levels:
+            activate(model, levels)
+        out = []
+        with contextlib.nullcontext() if levels else model.disable_adapter():
+            for start in range(0, len(data), batch_size):
+                index = torch.arange(start, min(start + batch_size, len(data)))
+                out.append(per_record_loss(model, data.select(index)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
     def mean_loss(self, data: EncodedRecords, levels: Sequence[str]) -> float:
-        activate(self.runtime.model, levels)
-        return float(per_record_loss(self.runtime.model, data.select(
-            torch.arange(len(data)))).mean())
+        return float(self.record_losses(data, levels).mean())
 
     def fit_losses(self, records) -> tuple[dict[str, float], float]:
         """Mean loss on ``records`` of global + each persona, and of global alone: what the

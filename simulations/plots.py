@@ -78,3 +78,46 @@ def plot_privacy_utility(rows: Sequence[Mapping], path: Path,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_audit(run_dirs: Sequence[Path], path: Path) -> Path:
+    """Left: ROC of the reference attack on global+persona, one curve per run (log
+    axes, where the low-FPR regime shows). Right: canary exposure by copies."""
+    import json
+
+    import numpy as np
+
+    from shared.audit_math import roc_points
+    from simulations.audit_attacks import attack_scores, canary_exposure
+    from simulations.audit_scores import scores_path
+
+    fig, (roc_ax, exp_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(run_dirs), 1)
+    for i, run_dir in enumerate(run_dirs):
+        scores = json.loads(scores_path(run_dir).read_text())
+        name = Path(run_dir).name
+        records = scores["records"]
+        members = attack_scores([r for r in records if r["member"]], "global+persona",
+                                "reference")
+        others = attack_scores([r for r in records if not r["member"]], "global+persona",
+                               "reference")
+        fpr, tpr = roc_points(members, others)
+        roc_ax.plot(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=name)
+        groups = canary_exposure(scores)["by_copies"]
+        xs = np.arange(len(groups)) + i * width
+        exp_ax.bar(xs, [g["global+persona/mean_rank_exposure"] for g in groups.values()],
+                   width=width, label=name)
+        exp_ax.set_xticks(np.arange(len(groups)) + width * (len(run_dirs) - 1) / 2,
+                          [f"{c} copies" for c in groups])
+    grid = np.logspace(-4, 0, 50)
+    roc_ax.plot(grid, grid, "k:", label="chance")
+    roc_ax.set(xscale="log", yscale="log", xlabel="false positive rate",
+               ylabel="true positive rate", title="Membership inference (reference attack)")
+    roc_ax.legend()
+    exp_ax.axhline(1 / math.log(2), color="k", linestyle=":", label="chance")
+    exp_ax.set(ylabel="mean rank exposure (bits)", title="Canary exposure, global+persona")
+    exp_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -41,15 +41,16 @@ def resolve_config(out: Path | None, settings: list[str], *,
 
 
 def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: bool = True,
-             cold_start_k: int = 5) -> dict:
+             cold_start_k: int = 5, client_app=None) -> dict:
     """Run the simulation to the end; return the report (raises what the server raised).
 
     ``final_evaluation`` adds the baselines and the cold-start evaluation
-    (:mod:`simulations.evaluate`) to the report, with plots."""
+    (:mod:`simulations.evaluate`) to the report, with plots. ``client_app``
+    replaces fedpersona's ClientApp (tests pass one that misbehaves)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
+    from client.client_app import app as default_client_app
     from server.server_app import run_dir_of, run_server
     from shared.federation import load_run_population, training_users
     from shared.userdata import load_user
@@ -79,7 +80,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
                "init_args": {"num_cpus": cpus, "logging_level": "error",
                              "log_to_driver": True}}
     logging.getLogger("flwr").setLevel(logging.INFO)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_users,
+    run_simulation(server_app=server_app, client_app=client_app or default_client_app, num_supernodes=num_users,
                    backend_config=backend)
     if "error" in outcome:
         raise outcome["error"]

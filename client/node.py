@@ -1,0 +1,27 @@
+"""Which user a node serves.
+
+On a real SuperNode: ``--node-config user-dir=...``. In a simulation:
+``partition-id`` indexes the run's training users, the same list the server uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+
+from shared.config import RunConfig
+from shared.federation import load_run_population, training_users
+
+
+def resolve_user(context: Context, cfg: RunConfig) -> tuple[Path, int]:
+    """The user directory this node serves, and its index among simulated users (-1 if real)."""
+    if "user-dir" in context.node_config:
+        return Path(str(context.node_config["user-dir"])).expanduser(), -1
+    partition = int(context.node_config["partition-id"])
+    population = load_run_population(cfg)
+    users = training_users(population, cfg)
+    if partition >= len(users):
+        raise ValueError(f"partition-id {partition} but the run has {len(users)} users: set "
+                         f"num-supernodes to {len(users)}")
+    return population.user_dir(users[partition].user_id), partition

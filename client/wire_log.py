@@ -1,0 +1,105 @@
+"""The device's wire log: a Flower client mod that records every reply leaving the device.
+
+It is the outermost mod, so it sees exactly what Flower sends. Each reply becomes
+one JSON line in ``USER_DIR/.fedpersona/<federation>/wire.jsonl``: the record
+names and kinds, every array's name, dtype, shape and SHA-256, whether it equals
+a tensor of the on-device user adapter, and every metric's name and value. The
+log holds no array contents, so keeping it costs the device nothing in privacy;
+``fedpersona audit wire`` holds it to :data:`shared.wire.REPLY_METRICS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+
+from client.node import resolve_user
+from client.store import DeviceStore
+from shared.wire import KEY_CONFIG, KEY_ROUND, read_run_config
+
+WIRE_LOG = "wire.jsonl"
+log = logging.getLogger("fedpersona.wire")
+
+
+def record_wire(msg: Message, context: Context,
+                call_next: Callable[[Message, Context], Message]) -> Message:
+    reply = call_next(msg, context)
+    try:
+        cfg = read_run_config(msg.content[KEY_CONFIG])
+        user_dir, _ = resolve_user(context, cfg)
+        store = DeviceStore(user_dir, cfg.federation_key)
+        entry = describe_reply(msg, reply, private=_private_tensors(store))
+        append_line(store.root / WIRE_LOG, entry)
+    except Exception as err:  # noqa: BLE001 - the log must never stop a reply; the
+        # audit then finds the round missing from the log and says so
+        log.warning("wire log: could not record a %s reply: %s", msg.metadata.message_type, err)
+    return reply
+
+
+def describe_reply(msg: Message, reply: Message, *, private: list[torch.Tensor]) -> dict:
+    round_info = msg.content.config_records.get(KEY_ROUND)
+    entry: dict = {"time": time.time(), "message_type": msg.metadata.message_type,
+                   "server_round": int(round_info["server-round"]) if round_info else None,
+                   "error": reply.has_error(), "records": {}}
+    if reply.has_error():
+        return entry
+    for name, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            entry["records"][name] = {"kind": "arrays", "arrays": {
+                key: _describe_array(array.numpy(), private) for key, array in record.items()}}
+        elif isinstance(record, MetricRecord):
+            entry["records"][name] = {"kind": "metrics", "values": dict(record)}
+        elif isinstance(record, ConfigRecord):  # values may be strings: types only
+            entry["records"][name] = {"kind": "config", "values": {
+                key: type(value).__name__ for key, value in record.items()}}
+        else:
+            entry["records"][name] = {"kind": type(record).__name__}
+    return entry
+
+
+def _describe_array(values: np.ndarray, private: list[torch.Tensor]) -> dict:
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    matches = tensor.is_floating_point() and bool(tensor.abs().sum() > 0) and any(
+        p.shape == tensor.shape and torch.allclose(p, tensor.float(), rtol=1e-3, atol=1e-6)
+        for p in private)
+    return {"dtype": str(values.dtype), "shape": list(values.shape),
+            "sha256": hashlib.sha256(values.tobytes()).hexdigest(),
+            "matches_user_adapter": matches}
+
+
+def _private_tensors(store: DeviceStore) -> list[torch.Tensor]:
+    state = store.load_user_adapter()
+    return [] if state is None else [t.float() for t in state.values() if t.abs().sum() > 0]
+
+
+def append_line(path: Path, entry: dict) -> None:
+    """One whole line per write (``O_APPEND``), synced: a crash loses at most this line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(entry, allow_nan=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_wire_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            entries.append({"unreadable": f"{path}:{number}"})
+    return entries

@@ -1,0 +1,88 @@
+"""The ledger audit recomputes epsilon independently and flags every inconsistency."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.ledger_audit import audit_ledger, recompute
+from shared.privacy import PrivacyLedger
+
+ENTRY = (1.0, 0.2, 5)
+
+
+def _ledger(rounds=3, budget=8.0, entry=ENTRY):
+    ledger = PrivacyLedger(target_epsilon=budget, target_delta=1e-5)
+    for _ in range(rounds):
+        ledger.record(entry)
+    return ledger.to_json()
+
+
+def test_an_honest_ledger_passes_and_agrees_with_both_accountants():
+    raw = _ledger()
+
+    finding = audit_ledger(raw, user_id="u1", train_entry=ENTRY, trained_rounds=3,
+                           server_epsilon=raw["epsilon"])
+
+    assert finding.ok, finding.problems
+    assert finding.rdp_epsilon == pytest.approx(raw["epsilon"], rel=1e-9)
+    assert finding.train_entries == 3
+    # PRV is the tighter accountant: below RDP, and not wildly so
+    assert 0.5 * finding.rdp_epsilon < finding.prv_epsilon < finding.rdp_epsilon
+
+
+def test_a_tampered_epsilon_is_caught():
+    raw = _ledger()
+    raw["epsilon"] = raw["epsilon"] / 2
+
+    finding = audit_ledger(raw, user_id="u1", train_entry=ENTRY)
+
+    assert finding.problems == [f"stored epsilon {raw['epsilon']} but the history gives "
+                                f"{finding.rdp_epsilon:.6f}"]
+
+
+def test_over_budget_is_flagged():
+    raw = _ledger(rounds=20, budget=100.0)
+    raw["target_epsilon"] = 2.0
+
+    finding = audit_ledger(raw, user_id="u1", train_entry=ENTRY)
+
+    assert any(p.startswith("over budget") for p in finding.problems)
+
+
+def test_a_rosier_sample_rate_than_the_run_uses_is_flagged():
+    raw = _ledger(entry=(1.0, 0.05, 5))  # accounted at q=0.05 but the data give q=0.2
+
+    finding = audit_ledger(raw, user_id="u1", train_entry=ENTRY, trained_rounds=3)
+
+    assert len([p for p in finding.problems if "is not what this run accounts" in p]) == 3
+    assert any("the server counted 3 updates, the ledger accounts 0" in p
+               for p in finding.problems)
+
+
+def test_undercounting_rounds_or_reported_epsilon_is_flagged():
+    raw = _ledger(rounds=2)
+    reported = recompute([ENTRY] * 3, 1e-5, "rdp")
+
+    finding = audit_ledger(raw, user_id="u1", train_entry=ENTRY, trained_rounds=3,
+                           server_epsilon=reported)
+
+    assert any("the server counted 3 updates, the ledger accounts 2" in p
+               for p in finding.problems)
+    assert any("more than its ledger holds" in p for p in finding.problems)
+
+
+def test_extra_mechanisms_of_the_run_are_allowed():
+    ledger = PrivacyLedger(target_epsilon=50.0, target_delta=1e-5)
+    ledger.record(ENTRY, (1.0, 1.0, 1))
+
+    assert audit_ledger(ledger.to_json(), user_id="u", train_entry=ENTRY,
+                        extra_entries=[(1.0, 1.0, 1)]).ok
+    assert not audit_ledger(ledger.to_json(), user_id="u", train_entry=ENTRY).ok
+
+
+def test_an_empty_ledger_is_zero_and_an_unlimited_budget_is_never_over():
+    raw = PrivacyLedger(target_epsilon=float("inf"), target_delta=1e-5).to_json()
+
+    finding = audit_ledger(raw, user_id="u", train_entry=ENTRY)
+
+    assert finding.ok and finding.rdp_epsilon == 0.0 and finding.target_epsilon == float("inf")
