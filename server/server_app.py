@@ -53,10 +53,12 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     and write the report. Returns the report."""
     started = time.monotonic()
     run_dir = run_dir_of(cfg)
-    population = load_run_population(cfg)
-    users = training_users(population, cfg)
+    # A deployment names its personas and the server reads no user data; a simulation
+    # takes them, and the users' names, from the population.
+    users = () if cfg.persona_names else training_users(load_run_population(cfg), cfg)
     k = cfg.discovered_k
-    personas = cluster_names(k) if k else population.personas
+    personas = cluster_names(k) if k else (
+        cfg.persona_name_list or load_run_population(cfg).personas)
     runtime = get_runtime(cfg)
     state = load_checkpoint(run_dir)
     if state is None:
@@ -67,17 +69,19 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     expected = {k: tuple(v.shape) for k, v in sent_part(runtime.initial["global"],
                                                           cfg.lora_scheme).items()}
 
-    nodes = wait_for_nodes(grid, min(len(users), cfg.clients_per_round))
-    node_info = query_nodes(grid, nodes, cfg, personas)
-    user_name = {n: users[i["user-index"]].user_id if 0 <= i["user-index"] < len(users)
-                 else f"node-{n}" for n, i in node_info.items()}
+    nodes = wait_for_nodes(grid, max(1, cfg.min_clients or min(len(users),
+                                                                 cfg.clients_per_round)))
+    node_info: dict[int, dict] = {}
+    user_name: dict[int, str] = {}
+    refresh_nodes(grid, node_info, user_name, users, cfg, personas, online=nodes)
     counts = {p: sum(1 for i in node_info.values() if i["persona"] == p) for p in personas}
     progress(f"{len(nodes)} clients connected; clients per persona: "
              + ", ".join(f"{p} {n}" for p, n in counts.items()))
 
     for server_round in range(state.round + 1, cfg.num_rounds + 1):
         t0 = time.monotonic()
-        chosen = sample_nodes(node_info, cfg.clients_per_round, seed=cfg.seed,
+        online = refresh_nodes(grid, node_info, user_name, users, cfg, personas)
+        chosen = sample_nodes(online, cfg.clients_per_round, seed=cfg.seed,
                               server_round=server_round, key=user_name.get)
         messages = []
         discovering = bool(k) and server_round > cfg.discovery_warmup
@@ -85,11 +89,19 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             content = round_content(state, node_info[node]["persona"], personas, cfg,
                                     server_round, all_personas=discovering)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        replies = list(grid.send_and_receive(messages))
+        replies = list(grid.send_and_receive(messages, timeout=_timeout(cfg)))
         accepted, declined, rejected, norms, losses = [], 0, [], [], []
         private_choices: list[int] = []
+        errors: list[str] = []
+        answered: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error() and node not in chosen:
+                # The SuperLink answers for a node that went away (e.g. "Node Unavailable");
+                # the node is named below, among those without a valid reply.
+                errors.append(reply.error.reason)
+                continue
+            answered.add(node)
             try:
                 persona = (chosen_persona(reply, personas) if discovering
                            else node_info[node]["persona"])
@@ -113,9 +125,12 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             accepted.append((user_name[node], update))
             norms.append(float(metrics["update-norm"]))
             losses.append((float(metrics.get("train-loss", float("nan"))), update.num_examples))
-        missing = len(chosen) - len(replies)
-        for _ in range(missing):
-            rejected.append({"round": server_round, "client": "?", "reason": "no reply"})
+        for node in chosen:
+            if node not in answered:
+                reason = "no reply" + (f" ({'; '.join(sorted(set(errors)))})" if errors else "")
+                rejected.append({"round": server_round, "client": user_name[node],
+                                 "reason": reason})
+                log.warning("round %d: %s: %s", server_round, user_name[node], reason)
         # Aggregate in a fixed order (by user), not arrival order: float sums then
         # reproduce exactly, so a resumed run matches an uninterrupted one.
         apply_round(state, [u for _, u in sorted(accepted, key=lambda pair: pair[0])], cfg)
@@ -140,8 +155,9 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                  + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
                  + f" [{h['seconds']:.0f}s]")
 
-    progress(f"evaluating {len(node_info)} users at {len(EVAL_LEVELS)} levels")
-    per_user = evaluate_nodes(grid, list(node_info), state, node_info, cfg, personas, user_name)
+    online = refresh_nodes(grid, node_info, user_name, users, cfg, personas)
+    progress(f"evaluating {len(online)} users at {len(EVAL_LEVELS)} levels")
+    per_user = evaluate_nodes(grid, online, state, node_info, cfg, personas, user_name)
     truth = {u.user_id: u.attributes.get("genre", u.persona) for u in users}
     report = {
         "config": cfg.to_flower(), "num_users": len(users),
@@ -207,6 +223,28 @@ def weighted_loss(losses: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in losses) / total if total else float("nan")
 
 
+def _timeout(cfg: RunConfig) -> float | None:
+    return cfg.round_timeout or None
+
+
+def refresh_nodes(grid: Grid, node_info: dict[int, dict], user_name: dict[int, str],
+                  users, cfg: RunConfig, personas: tuple[str, ...],
+                  online: list[int] | None = None) -> list[int]:
+    """The nodes online now (known ones and newcomers, which are asked for their persona
+    first). A SuperNode that restarts with its registered key keeps its node id, so it
+    rejoins under the same name; an offline one is simply not sampled."""
+    online = sorted(grid.get_node_ids()) if online is None else online
+    new = [n for n in online if n not in node_info]
+    if new:
+        info = query_nodes(grid, new, cfg, personas, allow_none=bool(node_info))
+        node_info.update(info)
+        for node, entry in info.items():
+            index = entry["user-index"]
+            user_name[node] = users[index].user_id if 0 <= index < len(users) else \
+                f"node-{node}"
+    return [n for n in online if n in node_info]
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -219,7 +257,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_SECONDS)
 
 
 def query_nodes(grid: Grid, nodes: list[int], cfg: RunConfig,
-                personas: tuple[str, ...]) -> dict[int, dict]:
+                personas: tuple[str, ...], *, allow_none: bool = False) -> dict[int, dict]:
     """Ask each node for its persona index (the server cannot read a node's config)."""
     messages = []
     for node in nodes:
@@ -227,13 +265,14 @@ def query_nodes(grid: Grid, nodes: list[int], cfg: RunConfig,
                               KEY_ROUND: round_record(0, personas)})
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY))
     info = {}
-    for reply in successful(grid.send_and_receive(messages), "the persona query"):
+    for reply in successful(grid.send_and_receive(messages, timeout=_timeout(cfg)),
+                            "the persona query"):
         metrics = reply.content.metric_records[KEY_METRICS]
         index = int(metrics["persona-index"])
         info[reply.metadata.src_node_id] = {
             "persona": personas[index] if 0 <= index < len(personas) else None,
             "user-index": int(metrics["user-index"])}
-    if not info:
+    if not info and not allow_none:
         raise RuntimeError("no client answered the persona query")
     return info
 
@@ -257,7 +296,8 @@ def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: 
                                 all_personas=bool(cfg.discovered_k))
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
     per_user: dict[str, dict[str, TokenStats]] = {}
-    for reply in successful(grid.send_and_receive(messages), "evaluation"):
+    for reply in successful(grid.send_and_receive(messages, timeout=_timeout(cfg)),
+                            "evaluation"):
         metrics = reply.content.metric_records[KEY_METRICS]
         name = user_name[reply.metadata.src_node_id]
         per_user[name] = {level: TokenStats(float(metrics[f"{level}/nll-sum"]),

@@ -73,6 +73,10 @@ class RunConfig:
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     max_update_norm: float = 0.0  # reject an update whose L2 change exceeds this; 0 = no bound
+    # -- deployment (real SuperNodes; the server holds no user data) ---------------------
+    persona_names: str = ""  # comma-separated personas; "" = the population's (simulation)
+    min_clients: int = 0  # clients to wait for before round 1; 0 = the simulation's users
+    round_timeout: float = 0.0  # seconds to wait for a round's replies; 0 = until all answer
     # -- runtime --------------------------------------------------------------------
     run_dir: str = ""  # adapters, checkpoints and reports; "" = $FEDPERSONA_CACHE/runs/latest
     seed: int = 0
@@ -96,7 +100,8 @@ class RunConfig:
                      "seq_len", "lora_rank", "local_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_users", "user_steps", "eval_max_records", "discovery_warmup"):
+        for name in ("max_users", "user_steps", "eval_max_records", "discovery_warmup",
+                     "min_clients"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -109,6 +114,15 @@ class RunConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):  # also rejects NaN
                 raise ConfigError(f"{_kebab(name)} must be a finite number > 0, got {value}")
+        if not (self.round_timeout >= 0 and math.isfinite(self.round_timeout)):
+            raise ConfigError(f"round-timeout must be a finite number >= 0, got "
+                              f"{self.round_timeout}")
+        if self.persona_names and self.discovered_k:
+            raise ConfigError("persona-names names declared personas; discovered:K names "
+                              "its own")
+        if self.persona_names and len(set(self.persona_name_list)) != len(
+                self.persona_name_list):
+            raise ConfigError(f"persona-names has a duplicate: {self.persona_names!r}")
         if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
             raise ConfigError(f"max-update-norm must be a finite number >= 0, got "
                               f"{self.max_update_norm}")
@@ -141,6 +155,10 @@ class RunConfig:
     def dataset_personas(self) -> str:
         """The persona label written into profiles (discovery still keeps genres as truth)."""
         return "genre" if self.discovered_k else self.personas
+
+    @property
+    def persona_name_list(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.persona_names.split(",") if p.strip())
 
     @property
     def lora_target_modules(self) -> tuple[str, ...]:

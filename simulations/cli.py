@@ -24,9 +24,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from shared.adapters import AdapterFormatError
     from shared.userdata import DataFormatError
     from simulations.audit_plant import AuditSetupError
+    from simulations.deploy import DeployError
     from simulations.evaluate import EvaluationError
 
-    return (UserFacingError, AuditSetupError, AdapterFormatError, EvaluationError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
+    return (UserFacingError, AuditSetupError, DeployError, AdapterFormatError, EvaluationError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
             DataFormatError, FileExistsError, FileNotFoundError, ValueError)
 
 
@@ -82,6 +83,48 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epsilons", default="1,4,8,inf")
     sweep.add_argument("--out", required=True, type=Path)
     sweep.add_argument("settings", nargs="*", metavar="key=value")
+
+    deploy = commands.add_parser("deploy", help="a real SuperLink and SuperNodes (TLS and "
+                                 "node authentication on by default)")
+    steps = deploy.add_subparsers(dest="step", required=True)
+    certs = steps.add_parser("certs", help="a CA, the SuperLink's certificate, SuperNode keys")
+    certs.add_argument("--out", required=True, type=Path)
+    certs.add_argument("--supernodes", default="", help="comma-separated SuperNode names")
+    certs.add_argument("--host", action="append", dest="hosts",
+                       help="SuperLink host name or IP for the certificate (repeat); "
+                            "default 127.0.0.1 and localhost")
+    link = steps.add_parser("superlink", help="start flower-superlink")
+    link.add_argument("--certs", type=Path, help="the 'deploy certs' directory")
+    link.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept remote devices")
+    link.add_argument("--port", type=int, default=9100)
+    link.add_argument("--database", type=Path, help="SuperLink state on disk (default: "
+                      "CERTS/superlink.db)")
+    link.add_argument("--insecure", action="store_true",
+                      help="no TLS, no node authentication (local experiments only)")
+    connect = steps.add_parser("connect", help="add the SuperLink to $FLWR_HOME/config.toml")
+    connect.add_argument("--address", default="127.0.0.1:9100")
+    connect.add_argument("--ca", type=Path, help="the CA certificate (ca.crt)")
+    connect.add_argument("--name", default="fedpersona", help="the connection's name")
+    connect.add_argument("--insecure", action="store_true")
+    register = steps.add_parser("register", help="register a SuperNode's public key")
+    register.add_argument("public_key", type=Path)
+    register.add_argument("--name", default="fedpersona", help="the connection's name")
+    node = steps.add_parser("supernode", help="start flower-supernode for one user's device")
+    node.add_argument("--user-dir", required=True, type=Path)
+    node.add_argument("--superlink", default="127.0.0.1:9100")
+    node.add_argument("--port", type=int, default=9200,
+                      help="this SuperNode's local Runtime API port (one per SuperNode)")
+    node.add_argument("--ca", type=Path, help="the CA certificate (ca.crt)")
+    node.add_argument("--key", type=Path, help="this SuperNode's private key")
+    node.add_argument("--max-wait", type=float, help="give up connecting after this many s")
+    node.add_argument("--rejoin-wait", type=float, default=120.0,
+                      help="when refused at start (e.g. restarted after a crash, before the "
+                           "SuperLink let go of the old session), retry for this many s")
+    node.add_argument("--insecure", action="store_true")
+    run = steps.add_parser("run", help="start a run on the SuperLink (flwr run)")
+    run.add_argument("--name", default="fedpersona", help="the connection's name")
+    run.add_argument("--no-stream", action="store_true", help="return once the run starts")
+    run.add_argument("settings", nargs="*", metavar="key=value")
 
     audit = commands.add_parser("audit", help="privacy audits (ledger, wire, canary, mia, "
                                 "one-run, all) and planting an audit population")
@@ -156,7 +199,60 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_sweep_command(args.out, args.epsilons, args.settings)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "deploy":
+        return _deploy(args)
     raise UserFacingError(f"unknown command {args.command}")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from simulations import deploy
+
+    if args.step == "certs":
+        from shared.certs import DEFAULT_HOSTS, write_credentials
+
+        names = [n.strip() for n in args.supernodes.split(",") if n.strip()]
+        paths = write_credentials(args.out, supernodes=names, hosts=args.hosts or DEFAULT_HOSTS)
+        for what, path in paths.items():
+            print(f"{what:>24}: {path}")
+        return 0
+    if args.step == "superlink":
+        if args.insecure:
+            print("fedpersona: warning: --insecure: no TLS and no SuperNode authentication; "
+                  "anyone who reaches the port can join and read the adapters",
+                  file=sys.stderr)
+        elif args.certs is None:
+            raise UserFacingError("deploy superlink needs --certs DIR (or --insecure)")
+        database = args.database or (args.certs / "superlink.db" if args.certs else None)
+        deploy.exec_command(deploy.superlink_command(
+            None if args.insecure else args.certs, host=args.host, port=args.port,
+            database=database))
+    if args.step == "connect":
+        if not args.insecure and args.ca is None:
+            raise UserFacingError("deploy connect needs --ca ca.crt (or --insecure)")
+        path = deploy.write_connection(args.name, args.address,
+                                       ca=None if args.insecure else args.ca)
+        print(f"wrote [superlink.{args.name}] ({args.address}) to {path}")
+        return 0
+    if args.step == "register":
+        command = deploy.register_command(args.public_key, args.name)
+        return subprocess.run(command, env=deploy.environment(), check=False).returncode
+    if args.step == "supernode":
+        if args.insecure:
+            print("fedpersona: warning: --insecure: the adapters travel unencrypted",
+                  file=sys.stderr)
+        elif args.ca is None or args.key is None:
+            raise UserFacingError("deploy supernode needs --ca and --key (or --insecure)")
+        return deploy.supervise_supernode(deploy.supernode_command(
+            superlink=args.superlink, user_dir=args.user_dir, port=args.port,
+            ca=None if args.insecure else args.ca, key=None if args.insecure else args.key,
+            max_wait=args.max_wait), rejoin_wait=args.rejoin_wait)
+    command = deploy.run_command(deploy.app_dir(), args.settings, connection=args.name,
+                                 stream=not args.no_stream)
+    print("+ " + " ".join(command), flush=True)
+    return subprocess.run(command, env=deploy.environment(), cwd=deploy.app_dir(),
+                          check=False).returncode
 
 
 def _audit(args: argparse.Namespace) -> int:
