@@ -35,7 +35,11 @@ from shared.runtime import get_runtime
 from shared.tables import markdown_table
 from shared.userdata import load_user
 from shared.wire_check import check_entries
-from simulations.audit_attacks import canary_exposure, membership_inference, one_run_audit
+from simulations.audit_attacks import (
+    canary_exposure,
+    membership_inference,
+    one_run_audit,
+)
 from simulations.audit_plant import PlantSettings, is_planted, plant
 from simulations.audit_scores import load_or_score
 from simulations.evaluate import load_run_config
@@ -53,31 +57,40 @@ class AuditFailed(Exception):
 
 # -- checks that hold the implementation to its promise -------------------------------------
 
-def ledger_check(run_dir: Path) -> dict:
-    cfg, report = load_run_config(run_dir), _report(run_dir)
+def _devices(cfg, user_dirs: Sequence[Path] | None) -> list[tuple[str, Path]]:
+    """(user id, directory) of the devices to check: the simulated population's training
+    users, or the user directories given (a deployment: run the check on each device)."""
+    if user_dirs:
+        return [(load_user(Path(d)).profile.user_id, Path(d)) for d in user_dirs]
     population = load_run_population(cfg)
+    return [(e.user_id, population.user_dir(e.user_id)) for e in training_users(population, cfg)]
+
+
+def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict:
+    cfg, report = load_run_config(run_dir), _report(run_dir)
     trained: dict[str, int] = {}
     for round_info in report["rounds"]:
         for user in round_info.get("trained_users", []):
             trained[user] = trained.get(user, 0) + 1
     reported = report["privacy"].get("epsilon_per_user", {})
     findings: list[LedgerFinding] = []
-    for entry in training_users(population, cfg):
-        store = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key)
+    for user_id, user_dir in _devices(cfg, user_dirs):
+        store = DeviceStore(user_dir, cfg.federation_key)
         if not store.ledger_path.is_file():
             raw = {"target_epsilon": None, "target_delta": cfg.target_delta, "history": [],
                    "epsilon": 0.0, "rounds": 0}
         else:
             raw = json.loads(store.ledger_path.read_text())
-        records = len(load_user(population.user_dir(entry.user_id)).train)
+        records = len(load_user(user_dir).train)
         train_entry = (cfg.noise_multiplier, sample_rate(cfg.batch_size, records),
                        cfg.local_steps + 1)
         extra = [(cfg.selection_noise, 1.0, 1)] if cfg.discovered_k and cfg.selection_noise \
             else []
-        finding = audit_ledger(raw, user_id=entry.user_id, train_entry=train_entry,
+        # the server names deployed devices by node id: its counts then match no user id
+        finding = audit_ledger(raw, user_id=user_id, train_entry=train_entry,
                                extra_entries=extra,
-                               trained_rounds=trained.get(entry.user_id, 0) if cfg.dp else 0,
-                               server_epsilon=reported.get(entry.user_id))
+                               trained_rounds=trained.get(user_id, 0) if cfg.dp else 0,
+                               server_epsilon=reported.get(user_id))
         if not cfg.dp and raw["history"]:
             finding.problems.append("a run without DP accounted DP steps")
         findings.append(finding)
@@ -92,25 +105,24 @@ def ledger_check(run_dir: Path) -> dict:
             "problems": problems, "per_user": [f.__dict__ for f in findings]}
 
 
-def wire_check(run_dir: Path) -> dict:
+def wire_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict:
     cfg, report = load_run_config(run_dir), _report(run_dir)
-    population = load_run_population(cfg)
     expected = {k: tuple(v.shape) for k, v in sent_part(get_runtime(cfg).initial["global"],
                                                           cfg.lora_scheme).items()}
     problems, replies, arrays = [], 0, 0
-    for entry in training_users(population, cfg):
-        store = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key)
+    for user_id, user_dir in _devices(cfg, user_dirs):
+        store = DeviceStore(user_dir, cfg.federation_key)
         log = read_wire_log(store.root / WIRE_LOG)
         replies += len(log)
         arrays += sum(len(r.get("arrays", {})) for e in log
                       for r in e.get("records", {}).values())
-        problems += [f"{entry.user_id}: {p}" for p in check_entries(log, expected)]
+        problems += [f"{user_id}: {p}" for p in check_entries(log, expected)]
         logged = {e.get("server_round") for e in log
                   if str(e.get("message_type", "")).startswith("train")}
         for round_info in report["rounds"]:
-            if entry.user_id in round_info.get("trained_users", []) and \
+            if user_id in round_info.get("trained_users", []) and \
                     round_info["round"] not in logged:
-                problems.append(f"{entry.user_id}: the server counted a round-"
+                problems.append(f"{user_id}: the server counted a round-"
                                 f"{round_info['round']} update that the wire log lacks")
     return {"check": "wire", "run_dir": str(run_dir), "passed": not problems and replies > 0,
             "replies": replies, "arrays": arrays, "expected_tensors": len(expected),
@@ -157,7 +169,7 @@ def prepare(out: Path, settings: Sequence[str], plant_settings: PlantSettings,
 
 def run_audit_command(check: str, *, runs: Sequence[Path], out: Path | None,
                       settings: Sequence[str], plant_settings: PlantSettings,
-                      candidates: int) -> int:
+                      candidates: int, user_dirs: Sequence[Path] = ()) -> int:
     if out is not None:
         runs = [*runs, *prepare(out, settings, plant_settings)]
     if not runs:
@@ -168,7 +180,7 @@ def run_audit_command(check: str, *, runs: Sequence[Path], out: Path | None,
         name = Path(run_dir).name
         print(f"\n== {run_dir}")
         for one in checks:
-            result = _run_check(one, Path(run_dir), candidates)
+            result = _run_check(one, Path(run_dir), candidates, user_dirs)
             write_json_atomic(Path(run_dir) / "audit" / f"{one}.json", result, sort_keys=False)
             results.setdefault(one, {})[name] = result
             print(verdict_line(one, result))
@@ -190,11 +202,14 @@ def run_audit_command(check: str, *, runs: Sequence[Path], out: Path | None,
     return 0
 
 
-def _run_check(check: str, run_dir: Path, candidates: int) -> dict:
+def _run_check(check: str, run_dir: Path, candidates: int,
+               user_dirs: Sequence[Path] = ()) -> dict:
     if check == "ledger":
-        return ledger_check(run_dir)
+        return ledger_check(run_dir, user_dirs)
     if check == "wire":
-        return wire_check(run_dir)
+        return wire_check(run_dir, user_dirs)
+    if user_dirs:
+        raise ValueError(f"--user-dir is for the ledger and wire checks, not {check}")
     scores = load_or_score(run_dir, candidates=candidates)
     if check == "canary":
         return {"check": "canary", "run_dir": str(run_dir), "dp": scores["dp"],

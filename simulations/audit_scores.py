@@ -17,7 +17,7 @@ from pathlib import Path
 
 from client.store import DeviceStore
 from shared.atomic import write_json_atomic
-from shared.canaries import candidate_secrets, canary_text
+from shared.canaries import canary_text, candidate_secrets
 from shared.federation import load_run_population, training_users
 from shared.userdata import Record, load_user
 from simulations.audit_plant import load_holdout, load_plan

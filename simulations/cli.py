@@ -157,6 +157,9 @@ def _add_audit_arguments(parser: argparse.ArgumentParser, *, plant: bool) -> Non
                                  "there (finished ones are reused)")
         parser.add_argument("--candidates", type=int, default=1000,
                             help="random secrets each canary is ranked against")
+        parser.add_argument("--user-dir", type=Path, action="append", default=[],
+                            dest="user_dirs", help="ledger, wire: check these device "
+                            "directories (a deployment) instead of the run's population")
     parser.add_argument("--one-run-canaries", type=int, default=100)
     parser.add_argument("--repeated-canaries", type=int, default=8)
     parser.add_argument("--copies", type=int, default=4, help="copies of a repeated canary")
@@ -278,7 +281,7 @@ def _audit(args: argparse.Namespace) -> int:
     try:
         return run_audit_command(args.check, runs=args.runs, out=args.out,
                                  settings=args.settings, plant_settings=settings,
-                                 candidates=args.candidates)
+                                 candidates=args.candidates, user_dirs=args.user_dirs)
     except AuditFailed as err:
         print(f"fedpersona: {err}", file=sys.stderr)
         return 1

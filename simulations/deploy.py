@@ -21,9 +21,10 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import tomllib
 
 from shared.config import RunConfig, parse_overrides
 

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from simulations.audit import verdict_line
-from simulations.audit_attacks import canary_exposure, membership_inference, one_run_audit
+from simulations.audit_attacks import (
+    canary_exposure,
+    membership_inference,
+    one_run_audit,
+)
 
 
 def _scores(*, leak: float, seed: int = 0, n_records: int = 200) -> dict:
