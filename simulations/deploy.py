@@ -157,7 +157,11 @@ def app_dir() -> Path:
 
 
 def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **ENV, **(extra or {})}
+    """This environment, with Flower's runtime installs off and this interpreter's
+    ``bin`` first on PATH: Flower starts ``flower-superexec`` and ``flwr-clientapp``
+    by name, which fails from a virtualenv that is used but not activated."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **ENV, "PATH": path, **(extra or {})}
 
 
 def supervise_supernode(command: list[str], *, rejoin_wait: float,

@@ -134,3 +134,16 @@ def test_run_command_runs_this_app_on_the_named_connection(tmp_path):
                            "num-rounds=1"]
     with pytest.raises(DeployError, match="not the fedpersona app directory"):
         run_command(tmp_path, ["num-rounds=1"])
+
+
+def test_environment_finds_flowers_helpers_without_an_activated_virtualenv(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from simulations.deploy import environment
+
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = environment()
+
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
