@@ -24,7 +24,6 @@ from simulations.audit_plant import load_holdout, load_plan
 from simulations.evaluate import RunEvaluator, load_run_config
 
 SCORES_FILE = "audit/scores.json"
-LEVELS = ("base", "global", "global+persona")
 
 
 def scores_path(run_dir: Path) -> Path:
