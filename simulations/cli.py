@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--rejoin-wait", type=float, default=120.0,
                       help="when refused at start (e.g. restarted after a crash, before the "
                            "SuperLink let go of the old session), retry for this many s")
+    node.add_argument("--threads", type=int, help="CPU threads for this SuperNode's "
+                      "training (default: all; split the cores when SuperNodes share a machine)")
     node.add_argument("--insecure", action="store_true")
     run = steps.add_parser("run", help="start a run on the SuperLink (flwr run)")
     run.add_argument("--name", default="fedpersona", help="the connection's name")
@@ -250,7 +252,8 @@ def _deploy(args: argparse.Namespace) -> int:
         return deploy.supervise_supernode(deploy.supernode_command(
             superlink=args.superlink, user_dir=args.user_dir, port=args.port,
             ca=None if args.insecure else args.ca, key=None if args.insecure else args.key,
-            max_wait=args.max_wait), rejoin_wait=args.rejoin_wait)
+            max_wait=args.max_wait), rejoin_wait=args.rejoin_wait,
+            extra_env=deploy.thread_limits(args.threads))
     command = deploy.run_command(deploy.app_dir(), args.settings, connection=args.name,
                                  stream=not args.no_stream)
     print("+ " + " ".join(command), flush=True)

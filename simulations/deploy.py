@@ -164,8 +164,20 @@ def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, **ENV, "PATH": path, **(extra or {})}
 
 
+def thread_limits(threads: int | None) -> dict[str, str]:
+    """Environment that caps the BLAS/OpenMP threads of the SuperNode's ClientApps. A
+    device uses all its cores (``None``); SuperNodes that share a machine should split
+    them: three 2-thread ClientApps on 2 cores trained 3x slower here than 1-thread ones."""
+    if threads is None:
+        return {}
+    if threads < 1:
+        raise DeployError(f"--threads must be >= 1, got {threads}")
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def supervise_supernode(command: list[str], *, rejoin_wait: float,
-                       retry_every: float = 5.0) -> int:
+                        extra_env: Mapping[str, str] | None = None,
+                        retry_every: float = 5.0) -> int:
     """Run a SuperNode; if it is refused at start, try again for ``rejoin_wait`` seconds.
 
     A device that crashed (no goodbye) stays "online" at the SuperLink until its
@@ -186,7 +198,7 @@ def supervise_supernode(command: list[str], *, rejoin_wait: float,
     print("+ " + " ".join(command), flush=True)
     while True:
         started = time.monotonic()
-        child = subprocess.Popen(command, env=environment())
+        child = subprocess.Popen(command, env=environment(extra_env))
         code = child.wait()
         refused_at_start = code != 0 and time.monotonic() - started < 30
         if not refused_at_start or time.monotonic() + retry_every > deadline:

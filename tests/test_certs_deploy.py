@@ -147,3 +147,12 @@ def test_environment_finds_flowers_helpers_without_an_activated_virtualenv(monke
 
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+def test_thread_limits_cap_openmp_and_mkl():
+    from simulations.deploy import thread_limits
+
+    assert thread_limits(None) == {}
+    assert thread_limits(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with pytest.raises(DeployError, match="--threads"):
+        thread_limits(0)
