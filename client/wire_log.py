@@ -37,7 +37,10 @@ def record_wire(msg: Message, context: Context,
         cfg = read_run_config(msg.content[KEY_CONFIG])
         user_dir, _ = resolve_user(context, cfg)
         store = DeviceStore(user_dir, cfg.federation_key)
-        entry = describe_reply(msg, reply, private=_private_tensors(store))
+        # the user adapter is read only for replies that carry tensors (train replies)
+        carries_arrays = not reply.has_error() and bool(reply.content.array_records)
+        entry = describe_reply(msg, reply,
+                               private=_private_tensors(store) if carries_arrays else [])
         append_line(store.root / WIRE_LOG, entry)
     except Exception as err:  # noqa: BLE001 - the log must never stop a reply; the
         # audit then finds the round missing from the log and says so

@@ -133,9 +133,8 @@ def _report(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "report.json").read_text())
 
 
-def _accounted(run_dir: Path) -> tuple[float, float]:
+def _accounted(ledger: dict) -> tuple[float, float]:
     """The epsilon every record's inclusion is bounded by (max over users), and delta."""
-    ledger = ledger_check(run_dir)
     return (ledger["epsilon_max"] if ledger["dp"] else math.inf), ledger["delta"]
 
 
@@ -180,7 +179,8 @@ def run_audit_command(check: str, *, runs: Sequence[Path], out: Path | None,
         name = Path(run_dir).name
         print(f"\n== {run_dir}")
         for one in checks:
-            result = _run_check(one, Path(run_dir), candidates, user_dirs)
+            done = {c: by_run[name] for c, by_run in results.items() if name in by_run}
+            result = _run_check(one, Path(run_dir), candidates, user_dirs, done)
             write_json_atomic(Path(run_dir) / "audit" / f"{one}.json", result, sort_keys=False)
             results.setdefault(one, {})[name] = result
             print(verdict_line(one, result))
@@ -203,7 +203,9 @@ def run_audit_command(check: str, *, runs: Sequence[Path], out: Path | None,
 
 
 def _run_check(check: str, run_dir: Path, candidates: int,
-               user_dirs: Sequence[Path] = ()) -> dict:
+               user_dirs: Sequence[Path] = (), done: dict[str, dict] | None = None) -> dict:
+    """One check on one run; ``done`` holds this run's earlier results (the one-run
+    audit reuses the ledger check's accounted epsilon instead of recomputing it)."""
     if check == "ledger":
         return ledger_check(run_dir, user_dirs)
     if check == "wire":
@@ -217,7 +219,7 @@ def _run_check(check: str, run_dir: Path, candidates: int,
     if check == "mia":
         return {"check": "mia", "run_dir": str(run_dir), "dp": scores["dp"],
                 **membership_inference(scores)}
-    epsilon, delta = _accounted(run_dir)
+    epsilon, delta = _accounted((done or {}).get("ledger") or ledger_check(run_dir))
     result = one_run_audit(scores, accounted_epsilon=epsilon, delta=delta)
     return {"check": "one-run", "run_dir": str(run_dir), "dp": scores["dp"],
             "passed": result["consistent"], **result}

@@ -13,6 +13,7 @@ from shared.audit_math import (
     fitted_exposure,
     guess_inclusion,
     one_run_epsilon_lower_bound,
+    rank_exposure,
     roc_auc,
     tpr_at_fpr,
 )
@@ -28,14 +29,6 @@ def _candidates(scores: dict, level: str, persona: str | None) -> np.ndarray:
     return np.asarray(scores["candidates"][key], dtype=float)
 
 
-def _rank_exposure_many(losses: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`shared.audit_math.rank_exposure` over many canaries."""
-    ordered = np.sort(candidates)
-    below = np.searchsorted(ordered, losses, side="left")
-    ties = np.searchsorted(ordered, losses, side="right") - below
-    return np.log2(candidates.size + 1) - np.log2(1 + below + 0.5 * ties)
-
-
 def canary_exposure(scores: dict) -> dict:
     """Exposure of every canary under each released level, summarised by copies
     (0 = never in any data: the null; chance is about 1.44 bits)."""
@@ -45,8 +38,7 @@ def canary_exposure(scores: dict) -> dict:
         row = {k: canary[k] for k in ("id", "kind", "copies", "user", "persona")}
         for level in ATTACKED_LEVELS:
             candidates = _candidates(scores, level, canary["persona"])
-            loss = np.asarray([canary[level]])
-            row[f"{level}/rank"] = float(_rank_exposure_many(loss, candidates)[0])
+            row[f"{level}/rank"] = rank_exposure(canary[level], candidates)
             row[f"{level}/fitted"] = fitted_exposure(canary[level], candidates,
                                                      space_bits=space)
         per_canary.append(row)
