@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from shared.adapters import load_adapter_state, save_adapter
 from shared.aggregation import FedAdamState, State
 from shared.atomic import replace_dir, write_text_atomic
+from shared.central_dp import CentralLedger
 
 KEEP_SNAPSHOTS = 2
 
@@ -47,6 +48,7 @@ class ServerState:
     epsilon_per_user: dict[str, float] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     assignments: dict[str, str] = field(default_factory=dict)  # user -> discovered persona
+    central_dp: CentralLedger | None = None  # user-level DP plan and account (central-dp)
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path:
@@ -68,6 +70,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path
         meta = {"round": state.round, "history": state.history,
                 "epsilon_per_user": state.epsilon_per_user, "rejected": state.rejected,
                 "assignments": state.assignments,
+                "central_dp": state.central_dp.to_json() if state.central_dp else None,
                 "personas": sorted(state.persona_states),
                 "optimizer_levels": sorted(state.optimizer)}
         (staging / "state.json").write_text(json.dumps(meta, indent=1))
@@ -101,7 +104,9 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
                         for p in meta["personas"]},
         optimizer=optimizer, history=meta["history"],
         epsilon_per_user=meta["epsilon_per_user"], rejected=meta.get("rejected", []),
-        assignments=meta.get("assignments", {}))
+        assignments=meta.get("assignments", {}),
+        central_dp=CentralLedger.from_json(meta["central_dp"]) if meta.get("central_dp")
+        else None)
 
 
 def _publish_adapters(run_dir: Path, state: ServerState, lora: LoraConfig) -> None:

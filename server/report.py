@@ -60,6 +60,33 @@ COLD_START_TITLES = {
 }
 
 
+def user_level_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The "User-level privacy" section (central DP on the aggregates), or nothing."""
+    if not summary.get("central_dp"):
+        return []
+    rows = [{"level": name, "users": v["population"],
+             "expected clients per round": f"{v['expected_clients']:.2f}",
+             "noise multiplier": v["noise_multiplier"],
+             "noise std on the mean": f"{v['noise_std_on_mean']:.4g}",
+             "rounds released": v["rounds_released"], "epsilon": f"{v['epsilon']:.3f}"}
+            for name, v in summary["levels"].items()]
+    users = [{"a user of": p, "epsilon (global + persona)": f"{e:.3f}"}
+             for p, e in summary["user_epsilon"].items()]
+    lines = ["", "## User-level privacy (central DP on the aggregates)", "",
+             (f"Each client's change of each adapter clipped to L2 norm "
+             f"{summary['clipping_norm']:g}, Gaussian noise on every aggregate's sum, divided "
+             f"by the expected clients of that aggregate (DP-FedAvg, McMahan et al. 2018). "
+             f"Epsilon at delta = {summary['delta']:g}, RDP accountant, sampling rate "
+             f"q = {summary['sample_rate']:.4g} ({summary['sampling']}). The server is trusted "
+             "with individual updates; this bounds what the released adapters reveal about "
+             "any one user, on top of the record-level DP above."), "",
+             markdown_table(rows), "", markdown_table(users), ""]
+    for persona, note in summary["merged_into_global"].items():
+        lines.append(f"- persona {persona}: {note} (its adapter is not released; its "
+                     "members trained the global adapter only)")
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     cfg = report["config"]
     privacy = report["privacy"]
@@ -105,6 +132,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"Over budget: {', '.join(privacy['over_budget'])}")
     else:
         lines.append("no DP: this run gives no formal privacy guarantee.")
+    lines += user_level_lines(report.get("user_level_privacy", {}))
     lines += ["", "## Rounds", "", markdown_table([
         {"round": r["round"], "clients": r["clients"], "accepted": r["accepted"],
          "declined": r["declined"], "rejected": r["rejected"],

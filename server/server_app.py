@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.report import level_metrics, privacy_summary, write_report
+from server.secagg import SecureRound
 from server.strategy import (
     apply_round,
     chosen_persona,
@@ -21,7 +22,8 @@ from server.strategy import (
     sent_part,
     train_content,
 )
-from shared.config import RunConfig
+from shared.central_dp import CentralLedger, plan_levels
+from shared.config import RunConfig, expand_path
 from shared.federation import load_run_population, training_users
 from shared.adapters import is_trainable_key
 from shared.metrics import TokenStats
@@ -45,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir).expanduser() if cfg.run_dir else cache_root() / "runs" / "latest"
+    return expand_path("run-dir", cfg.run_dir) if cfg.run_dir else cache_root() / "runs" / "latest"
 
 
 def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = print) -> dict:
@@ -77,6 +79,21 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     counts = {p: sum(1 for i in node_info.values() if i["persona"] == p) for p in personas}
     progress(f"{len(nodes)} clients connected; clients per persona: "
              + ", ".join(f"{p} {n}" for p, n in counts.items()))
+    if state.round and cfg.central_dp != (state.central_dp is not None):
+        raise RuntimeError(f"{run_dir} was trained with central-dp = "
+                           f"{state.central_dp is not None}; resuming with central-dp = "
+                           f"{cfg.central_dp} would void or misstate the user-level guarantee")
+    if cfg.central_dp and state.central_dp is None:  # fixed before round 1, kept on resume
+        state.central_dp = central_dp_plan(cfg, users, counts, len(node_info))
+    merged = set(state.central_dp.merged) if cfg.central_dp and state.central_dp else set()
+    for persona, note in (state.central_dp.summary()["merged_into_global"].items()
+                          if merged else ()):
+        progress(f"user-level DP: persona {persona} {note}")
+    trained = tuple(p for p in personas if p not in merged)  # merged: global-only training
+
+    def persona_of(node: int) -> str | None:
+        persona = node_info[node]["persona"]
+        return None if persona in merged else persona
 
     for server_round in range(state.round + 1, cfg.num_rounds + 1):
         t0 = time.monotonic()
@@ -86,10 +103,15 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         messages = []
         discovering = bool(k) and server_round > cfg.discovery_warmup
         for node in chosen:
-            content = round_content(state, node_info[node]["persona"], personas, cfg,
+            content = round_content(state, persona_of(node), trained, cfg,
                                     server_round, all_personas=discovering)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        replies = list(grid.send_and_receive(messages, timeout=_timeout(cfg)))
+        # secagg: Flower's SecAgg+ replaces send/parse/apply; the server sees only sums
+        secure = SecureRound(grid, cfg, trained, expected, server_round=server_round,
+                             persona_of=persona_of, discovering=discovering) if cfg.secagg \
+            else None
+        replies = (secure.run(messages) if secure else
+                   list(grid.send_and_receive(messages, timeout=_timeout(cfg))))
         accepted, declined, rejected, norms, losses = [], 0, [], [], []
         private_choices: list[int] = []
         errors: list[str] = []
@@ -104,10 +126,11 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             answered.add(node)
             try:
                 persona = (chosen_persona(reply, personas) if discovering
-                           else node_info[node]["persona"])
-                update, metrics = parse_reply(
+                           else persona_of(node))
+                update, metrics = secure.parse(reply, persona) if secure else parse_reply(
                     reply, persona=persona, expected=expected, current=state,
-                    scheme=cfg.lora_scheme, max_update_norm=cfg.max_update_norm)
+                    scheme=cfg.lora_scheme, max_update_norm=cfg.max_update_norm,
+                    dtype=cfg.transport_dtype)
             except UpdateRejected as err:
                 rejected.append({"round": server_round, "client": user_name.get(node, node),
                                  "reason": str(err)})
@@ -133,7 +156,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                 log.warning("round %d: %s: %s", server_round, user_name[node], reason)
         # Aggregate in a fixed order (by user), not arrival order: float sums then
         # reproduce exactly, so a resumed run matches an uninterrupted one.
-        apply_round(state, [u for _, u in sorted(accepted, key=lambda pair: pair[0])], cfg)
+        (secure.apply if secure else apply_round)(
+            state, [u for _, u in sorted(accepted, key=lambda pair: pair[0])], cfg)
         state.round = server_round
         state.rejected.extend(rejected)
         state.history.append({
@@ -145,6 +169,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             "update_norm": sum(norms) / len(norms) if norms else float("nan"),
             **({"private_choices": sum(private_choices),
                 "clusters_chosen": len(private_choices)} if discovering else {}),
+            **(secure.history() if secure else {}),
             "seconds": round(time.monotonic() - t0, 2)})
         save_checkpoint(run_dir, state, runtime.lora)
         h = state.history[-1]
@@ -153,6 +178,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                  f"accepted, {declined} declined, {len(rejected)} rejected, train loss "
                  f"{h['train_loss']:.3f}, update norm {h['update_norm']:.3f}"
                  + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
+                 + (f", user-level epsilon (global) {state.central_dp.epsilon('global'):.2f}"
+                    if cfg.central_dp else "")
                  + f" [{h['seconds']:.0f}s]")
 
     online = refresh_nodes(grid, node_info, user_name, users, cfg, personas)
@@ -166,6 +193,8 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         "rejected_updates": state.rejected,
         "privacy": privacy_summary(state.epsilon_per_user, dp=cfg.dp, delta=cfg.target_delta,
                                    budget=cfg.target_epsilon),
+        "user_level_privacy": (state.central_dp.summary() if cfg.central_dp and state.central_dp
+                               else {"central_dp": False}),
         "levels": level_metrics(per_user),
         **({"discovery": discovery_report(state, truth, cfg)} if k else {}),
         "adapters": {"global": "adapters/global",
@@ -177,12 +206,26 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     return report
 
 
+def central_dp_plan(cfg: RunConfig, users, counts: dict[str, int],
+                    connected: int) -> CentralLedger:
+    """User-level DP levels from public counts: a simulation's users (all of them, even
+    those not yet connected), else the nodes connected before round 1."""
+    if users:
+        counts = {p: sum(1 for u in users if u.persona == p) for p in counts}
+    return plan_levels(counts, population=len(users) or connected,
+                       clients_per_round=cfg.clients_per_round,
+                       clipping_norm=cfg.clipping_norm,
+                       noise_multiplier=cfg.central_noise_multiplier, delta=cfg.central_delta,
+                       min_clients=cfg.central_min_clients)
+
+
 def round_content(state: ServerState, persona: str | None, personas: tuple[str, ...],
                   cfg: RunConfig, server_round: int, *, all_personas: bool) -> RecordDict:
     """What a client gets: global and its own persona (or all K discovered ones to choose
     from), the run config and the round info."""
-    content = (discovery_content(state, personas, cfg.lora_scheme) if all_personas else
-               train_content(state, persona, cfg.lora_scheme))
+    content = (discovery_content(state, personas, cfg.lora_scheme, cfg.transport_dtype)
+               if all_personas else
+               train_content(state, persona, cfg.lora_scheme, cfg.transport_dtype))
     content[KEY_CONFIG] = run_config_record(cfg)
     content[KEY_ROUND] = round_record(server_round, personas)
     return content

@@ -18,9 +18,10 @@ from flwr.app import Message, RecordDict
 from server.checkpoint import ServerState
 from shared.adapters import State, is_trainable_key
 from shared.aggregation import ClientUpdate, FedAdamState, fedadam_step, hierarchical_mean
+from shared.central_dp import GLOBAL, PERSONA_PREFIX, private_round, secret_generator
 from shared.config import RunConfig
-from shared.records import record_spec, record_to_state, state_to_record
-from shared.validation import UpdateRejected, check_spec, check_values
+from shared.records import checked_record_to_state, record_spec, state_to_record
+from shared.validation import UpdateRejected, check_spec, check_values, shown_name
 from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 ALLOWED_REPLY_KEYS = {KEY_GLOBAL, KEY_PERSONA, KEY_METRICS}
@@ -49,19 +50,24 @@ def sent_part(state: State, scheme: str) -> State:
     return {k: v for k, v in state.items() if is_trainable_key(k, scheme)}
 
 
-def train_content(state: ServerState, persona: str | None, scheme: str) -> RecordDict:
-    content = RecordDict({KEY_GLOBAL: state_to_record(sent_part(state.global_state, scheme))})
+def train_content(state: ServerState, persona: str | None, scheme: str,
+                  dtype: str = "float32") -> RecordDict:
+    content = RecordDict({KEY_GLOBAL: state_to_record(sent_part(state.global_state, scheme),
+                                                      dtype)})
     if persona is not None:
-        content[KEY_PERSONA] = state_to_record(sent_part(state.persona_states[persona], scheme))
+        content[KEY_PERSONA] = state_to_record(sent_part(state.persona_states[persona], scheme),
+                                               dtype)
     return content
 
 
-def discovery_content(state: ServerState, personas: tuple[str, ...], scheme: str) -> RecordDict:
+def discovery_content(state: ServerState, personas: tuple[str, ...], scheme: str,
+                      dtype: str = "float32") -> RecordDict:
     """Global plus all K discovered personas (``persona-0`` ...): the client picks one."""
-    content = RecordDict({KEY_GLOBAL: state_to_record(sent_part(state.global_state, scheme))})
+    content = RecordDict({KEY_GLOBAL: state_to_record(sent_part(state.global_state, scheme),
+                                                      dtype)})
     for i, persona in enumerate(personas):
         content[f"{KEY_PERSONA}-{i}"] = state_to_record(
-            sent_part(state.persona_states[persona], scheme))
+            sent_part(state.persona_states[persona], scheme), dtype)
     return content
 
 
@@ -70,7 +76,7 @@ def chosen_persona(reply: Message, personas: tuple[str, ...]) -> str | None:
     if reply.has_error() or KEY_METRICS not in reply.content.metric_records:
         return None  # parse_reply names the problem
     index = reply.content.metric_records[KEY_METRICS].get("persona-index")
-    if int(reply.content.metric_records[KEY_METRICS].get("declined", 0)):
+    if _declined(reply.content.metric_records[KEY_METRICS]):
         return None
     if not isinstance(index, int) or not 0 <= index < len(personas):
         raise UpdateRejected(f"persona-index {index!r} is not one of the {len(personas)} "
@@ -78,9 +84,18 @@ def chosen_persona(reply: Message, personas: tuple[str, ...]) -> str | None:
     return personas[index]
 
 
+def _declined(metrics) -> bool:
+    """The client's ``declined`` flag; anything but 0 or 1 (NaN, a list, 2) is refused."""
+    declined = metrics.get("declined", 0)
+    if declined not in (0, 1):
+        raise UpdateRejected(f"declined must be 0 or 1, got {declined!r}")
+    return declined == 1
+
+
 def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tuple[int, ...]],
                 current: ServerState | None = None, scheme: str = "ffa",
-                max_update_norm: float = 0.0) -> tuple[ClientUpdate | None, dict]:
+                max_update_norm: float = 0.0,
+                dtype: str = "float32") -> tuple[ClientUpdate | None, dict]:
     """Validate one training reply; ``(None, metrics)`` when the client declined.
 
     With ``current`` and ``max_update_norm > 0``, an adapter whose L2 change from
@@ -93,19 +108,22 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
     content = reply.content
     unknown = set(content.keys()) - ALLOWED_REPLY_KEYS
     if unknown:
-        raise UpdateRejected(f"unexpected record(s) in reply: {', '.join(sorted(unknown))}")
+        raise UpdateRejected("unexpected record(s) in reply: "
+                             + ", ".join(map(shown_name, sorted(unknown))))
     if KEY_METRICS not in content.metric_records:
         raise UpdateRejected("reply has no metrics record")
     metrics = dict(content.metric_records[KEY_METRICS])
-    if int(metrics.get("declined", 0)):
+    if _declined(metrics):
         return None, metrics
     num_examples = metrics.get("num-examples")
     if not isinstance(num_examples, int) or num_examples <= 0:
         raise UpdateRejected(f"num-examples must be a positive integer, got {num_examples!r}")
     if KEY_GLOBAL not in content.array_records:
         raise UpdateRejected("reply has no global adapter")
-    check_spec(record_spec(content.array_records[KEY_GLOBAL]), expected, what="global adapter")
-    global_state = record_to_state(content.array_records[KEY_GLOBAL])
+    check_spec(record_spec(content.array_records[KEY_GLOBAL]), expected, what="global adapter",
+               dtype=dtype)
+    global_state = checked_record_to_state(content.array_records[KEY_GLOBAL],
+                                           what="global adapter")
     bound = max_update_norm or None
     metrics["update-norm"] = check_values(
         global_state, what="global adapter", max_delta_norm=bound,
@@ -115,8 +133,9 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
         if KEY_PERSONA not in content.array_records:
             raise UpdateRejected(f"reply has no adapter for persona {persona}")
         check_spec(record_spec(content.array_records[KEY_PERSONA]), expected,
-                   what=f"persona {persona} adapter")
-        persona_state = record_to_state(content.array_records[KEY_PERSONA])
+                   what=f"persona {persona} adapter", dtype=dtype)
+        persona_state = checked_record_to_state(content.array_records[KEY_PERSONA],
+                                                what=f"persona {persona} adapter")
         check_values(persona_state, what=f"persona {persona} adapter", max_delta_norm=bound,
                      reference=(sent_part(current.persona_states[persona], scheme)
                                 if current else None))
@@ -129,6 +148,9 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
 def apply_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig) -> None:
     """Aggregate accepted updates into ``state`` (in place): global over all, personas
     over members; personas with no member this round are unchanged."""
+    if cfg.central_dp:
+        apply_private_round(state, updates, cfg)
+        return
     if not updates:
         return
     global_mean, persona_means = hierarchical_mean(updates)
@@ -148,3 +170,26 @@ def _step(state: ServerState, name: str, current: State, mean: State, cfg: RunCo
     else:
         new_part = {k: sent[k] + cfg.server_learning_rate * (mean[k] - sent[k]) for k in sent}
     return {**current, **new_part}
+
+
+def apply_private_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig,
+                        generator=None) -> None:
+    """User-level DP (:mod:`shared.central_dp`): every level in ``state.central_dp`` is
+    released this round, clipped, noised and divided by its expected clients, then
+    stepped like any mean; the release is counted in the account."""
+    ledger = state.central_dp
+    if ledger is None:
+        raise RuntimeError("central-dp is on but the server state has no central-DP plan")
+    sent = {name: sent_part(state.global_state if name == GLOBAL else
+                            state.persona_states[name.removeprefix(PERSONA_PREFIX)],
+                            cfg.lora_scheme)
+            for name in ledger.levels}
+    targets = private_round(sent, updates, ledger, generator or secret_generator())
+    ledger.record_release(sorted(targets))
+    for name, target in targets.items():
+        if name == GLOBAL:
+            state.global_state = _step(state, name, state.global_state, target, cfg)
+        else:
+            persona = name.removeprefix(PERSONA_PREFIX)
+            state.persona_states[persona] = _step(state, name, state.persona_states[persona],
+                                                  target, cfg)

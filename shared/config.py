@@ -12,12 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 PERSONA_SCHEMES = ("genre", "play")
 LORA_SCHEMES = ("ffa", "fedavg")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 DTYPES = ("float32", "bfloat16")
+# bfloat16 is not among them: Flower's Array goes through numpy, which has no bfloat16
+TRANSPORT_DTYPES = ("float32", "float16")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")  # client.trainer checks the same names
 
 
 DISCOVERED_PREFIX = "discovered:"
@@ -67,12 +71,26 @@ class RunConfig:
     dp: bool = True
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
+    grad_sample_mode: str = "hooks"  # Opacus per-record clipping: "hooks" or "ghost" clipping
     target_epsilon: float = 8.0  # per-user budget; a client refuses a round that would pass it
     target_delta: float = 1e-5
     # -- server ---------------------------------------------------------------------
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     max_update_norm: float = 0.0  # reject an update whose L2 change exceeds this; 0 = no bound
+    # -- user-level DP on the server's aggregates (DP-FedAvg; shared/central_dp.py) -------
+    central_dp: bool = False
+    central_noise_multiplier: float = 1.0  # z: noise std on each aggregate's sum is z * C
+    clipping_norm: float = 0.1  # C: each client's L2 change of an adapter is clipped to this
+    central_delta: float = 1e-5  # delta of the user-level epsilons; keep it << 1 / users
+    central_min_clients: float = 2.0  # a persona expecting fewer members a round is merged
+    # -- secure aggregation (Flower's SecAgg+; server/secagg.py, client/secagg.py) --------
+    secagg: bool = False  # the server sees only sums of the clients' masked adapter changes
+    secagg_num_shares: int = 0  # shares of each client's secrets; 0 = every sampled client
+    secagg_reconstruction_threshold: int = 0  # shares that unmask; 0 = a majority of them
+    secagg_clipping_range: float = 1.0  # each coordinate of a change is clipped to +-this
+    secagg_quantization_range: int = 4194304  # 2**22 integer levels over the clipping range
+    secagg_max_weight: int = 1024  # most examples a client may weigh (a power of two: exact)
     # -- deployment (real SuperNodes; the server holds no user data) ---------------------
     persona_names: str = ""  # comma-separated personas; "" = the population's (simulation)
     min_clients: int = 0  # clients to wait for before round 1; 0 = the simulation's users
@@ -82,12 +100,17 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     dtype: str = "float32"
+    transport_dtype: str = "float32"  # adapters on the wire (both ways): "float32" or "float16"
     eval_max_records: int = 16  # test records per user used in evaluation
 
     def __post_init__(self) -> None:
         if self.personas.startswith(DISCOVERED_PREFIX):
             k = self.personas[len(DISCOVERED_PREFIX):]
-            if not (k.isdigit() and int(k) >= 2):
+            try:  # isdigit() alone admits "²"; int() refuses more than 4300 digits
+                valid = k.isascii() and k.isdigit() and int(k) >= 2
+            except ValueError:
+                valid = False
+            if not valid:
                 raise ConfigError(f"personas = discovered:K needs an integer K >= 2, got "
                                   f"{self.personas!r}")
         else:
@@ -95,6 +118,8 @@ class RunConfig:
         _check_choice("lora-scheme", self.lora_scheme, LORA_SCHEMES)
         _check_choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
+        _check_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("min_records", "num_rounds", "clients_per_round", "batch_size",
                      "seq_len", "lora_rank", "local_steps"):
@@ -144,8 +169,58 @@ class RunConfig:
             raise ConfigError(f"target-delta must be in (0, 1), got {self.target_delta}")
         if not self.lora_target_modules:
             raise ConfigError("lora-targets must name at least one module")
+        self._check_central_dp()
+        self._check_secagg()
 
-    # -- derived values -------------------------------------------------------------
+    def _check_secagg(self) -> None:
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares != 0 and (shares < 3 or shares % 2 == 0):
+            raise ConfigError(f"secagg-num-shares must be 0 (all) or an odd number >= 3, got "
+                              f"{shares}")
+        if threshold < 0 or threshold == 1 or (shares and threshold >= shares):
+            raise ConfigError(f"secagg-reconstruction-threshold must be 0 (majority) or in "
+                              f"[2, secagg-num-shares), got {threshold}")
+        if not (self.secagg_clipping_range > 0 and math.isfinite(self.secagg_clipping_range)):
+            raise ConfigError(f"secagg-clipping-range must be a finite number > 0, got "
+                              f"{self.secagg_clipping_range}")
+        if not 2 <= self.secagg_quantization_range < 2**31:  # Flower rounds into int32
+            raise ConfigError(f"secagg-quantization-range must be in [2, 2**31), got "
+                              f"{self.secagg_quantization_range}")
+        if self.secagg_max_weight < 1:
+            raise ConfigError(f"secagg-max-weight must be >= 1, got {self.secagg_max_weight}")
+        if not self.secagg:
+            return
+        # the masked sum of every client's quantized vector must stay below the modulus
+        if self.clients_per_round * self.secagg_quantization_range >= 2**32:
+            raise ConfigError(f"secagg: clients-per-round {self.clients_per_round} x "
+                              f"secagg-quantization-range {self.secagg_quantization_range} "
+                              "must stay below 2**32 (the masks' modulus)")
+        if self.clients_per_round < 3:
+            raise ConfigError(f"secagg needs clients-per-round >= 3 (with 2, each client "
+                              f"learns the other's update from the sum), got "
+                              f"{self.clients_per_round}")
+        if self.central_dp:
+            raise ConfigError("secagg with central-dp is not supported: central DP clips each "
+                              "client's update on the server, which secure aggregation hides")
+
+    def _check_central_dp(self) -> None:
+        for name in ("central_noise_multiplier", "clipping_norm", "central_min_clients"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{_kebab(name)} must be a finite number >= 0, got {value}")
+        if not self.clipping_norm > 0:
+            raise ConfigError(f"clipping-norm must be > 0, got {self.clipping_norm}")
+        if not 0.0 < self.central_delta < 1.0:
+            raise ConfigError(f"central-delta must be in (0, 1), got {self.central_delta}")
+        if not self.central_dp:
+            return
+        if self.central_noise_multiplier == 0:
+            raise ConfigError("central-noise-multiplier must be > 0 when central-dp is on")
+        if self.discovered_k:
+            raise ConfigError(f"central-dp needs declared personas, got {self.personas!r}: a "
+                              "discovered persona's membership changes every round, so its "
+                              "denominator and account cannot be fixed in advance")
+
     @property
     def discovered_k(self) -> int | None:
         """K for ``personas = "discovered:K"``, else ``None``."""
@@ -244,6 +319,15 @@ def _to_int(raw: Any) -> int:
             raise ValueError(raw)
         return int(raw)
     return int(str(raw).strip())
+
+
+def expand_path(key: str, value: str) -> Path:
+    """A path setting with ``~`` expanded; ``~name`` of a user this machine lacks is a
+    :class:`ConfigError` (``Path.expanduser`` raises a bare RuntimeError)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{key} {value!r}: no such user's home directory here") from None
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

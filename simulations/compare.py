@@ -32,6 +32,9 @@ def comparison_rows(reports: dict[str, dict]) -> list[dict]:
             row[f"{level} ppl"] = report["levels"][level]["perplexity"]
         privacy = report["privacy"]
         row["epsilon max"] = privacy["epsilon_max"] if privacy["dp"] else "no DP"
+        user_level = report.get("user_level_privacy", {})  # central DP: the worst user's
+        row["user-level epsilon"] = (max(user_level["user_epsilon"].values())
+                                     if user_level.get("central_dp") else "off")
         row["minutes"] = round(report["seconds"] / 60, 1)
         rows.append(row)
     return rows
