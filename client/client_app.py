@@ -15,6 +15,8 @@ from flwr.clientapp import ClientApp
 
 from client.discovery import choose_cluster, cluster_states
 from client.node import resolve_user
+from client.replay import Replay, content_digest
+from client.secagg import secagg_mod
 from client.store import DeviceStore
 from client.trainer import (
     DPSettings,
@@ -59,6 +61,12 @@ def train(msg: Message, context: Context) -> Message:
     user_dir, user_index = resolve_user(context, cfg)
     user = load_user(user_dir)
     store = DeviceStore(user_dir, cfg.federation_key)
+    # A round resent with identical content (a resumed server) gets the reply already
+    # released and accounted, byte for byte: no training, no new spend (client/replay.py).
+    instruction = content_digest(msg.content)
+    released = store.replayed_reply(int(info["server-round"]), instruction, runtime.lora)
+    if released is not None:
+        return Message(released, reply_to=msg)
     ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
     data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
     clusters = cluster_states(msg.content)
@@ -95,22 +103,23 @@ def train(msg: Message, context: Context) -> Message:
     levels = RELEASED_LEVELS if persona_index >= 0 else ("global",)
     result = train_released(runtime.model, data, steps=cfg.local_steps,
                             batch_size=cfg.batch_size, lr=cfg.learning_rate, dp=dp,
-                            scheme=cfg.lora_scheme, generator=generator, levels=levels)
+                            scheme=cfg.lora_scheme, generator=generator, levels=levels,
+                            grad_sample_mode=cfg.grad_sample_mode)
     train_loss, _ = private_mean_loss(runtime.model, data, rate=rate, dp=dp,
                                       generator=generator)
     ledger.record(*entries)
     store.save_ledger(ledger)  # spent before anything leaves the device
 
     reply = RecordDict({KEY_GLOBAL: state_to_record(
-        level_state(runtime.model, "global", scheme=cfg.lora_scheme))})
+        level_state(runtime.model, "global", scheme=cfg.lora_scheme), cfg.transport_dtype)})
     if persona_index >= 0:
         reply[KEY_PERSONA] = state_to_record(
-            level_state(runtime.model, "persona", scheme=cfg.lora_scheme))
+            level_state(runtime.model, "persona", scheme=cfg.lora_scheme),
+            cfg.transport_dtype)
     user_loss = train_user(runtime.model, data, steps=cfg.user_steps, batch_size=cfg.batch_size,
                            lr=cfg.user_learning_rate, scheme=cfg.lora_scheme,
                            generator=generator)
-    if cfg.user_steps:
-        store.save_user_adapter(level_state(runtime.model, "user"), runtime.lora)
+    user_state = level_state(runtime.model, "user") if cfg.user_steps else None
     # Only public or accounted numbers leave: the per-step losses were computed on raw
     # batches (and the user loss without DP), so they stay in the device's log; the
     # reported train loss is the noisy release accounted above.
@@ -119,6 +128,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({"steps": result.steps, "train-loss": train_loss,
                     "epsilon": ledger.epsilon if cfg.dp else -1.0})
     reply[KEY_METRICS] = MetricRecord(metrics)
+    store.commit_round(Replay(int(info["server-round"]), instruction, reply, user_state),
+                       runtime.lora)  # the replay, then the user adapter
     return Message(reply, reply_to=msg)
 
 
@@ -189,8 +200,10 @@ def _seed(cfg: RunConfig, server_round: int, user: UserData) -> int:
 
 def make_client_app(*extra_mods) -> ClientApp:
     """The ClientApp. The wire log is the outermost mod: it records each reply exactly as
-    it leaves (``extra_mods`` run inside it; tests use them to misbehave on purpose)."""
-    client_app = ClientApp(mods=[record_wire, *extra_mods])
+    it leaves; then Flower's SecAgg+ for ``secagg`` rounds (:mod:`client.secagg`), which
+    masks what the handler (and ``extra_mods``, which tests use to misbehave on purpose)
+    returns."""
+    client_app = ClientApp(mods=[record_wire, secagg_mod, *extra_mods])
     client_app.query()(query)
     client_app.train()(train)
     client_app.evaluate()(evaluate)

@@ -5,20 +5,30 @@ Everything lives under ``USER_DIR/.fedpersona/<federation key>/`` (one federatio
 written atomically, so a
 client killed mid-round leaves the previous ledger (it was written before any
 reply could leave) or the new one, never a torn file.
+
+A train round commits in this order: ledger (the spend), then the replay file
+(the released reply and the new user adapter, :mod:`client.replay`), then the
+user adapter. A kill between any two steps leaves the device over-counted at
+worst, never under-counted, and a resent round either trained afresh from the
+old user adapter or replayed with the user adapter completed from the replay.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from flwr.app import RecordDict
 from peft import LoraConfig
 
-from shared.adapters import State, load_adapter_state, save_adapter
-from shared.atomic import write_json_atomic
+from client.replay import Replay, ReplayError, pack, states_equal, unpack
+from shared.adapters import AdapterFormatError, State, load_adapter_state, save_adapter
+from shared.atomic import write_bytes_atomic, write_json_atomic
 from shared.privacy import PrivacyLedger
 
 STATE_DIR = ".fedpersona"
+log = logging.getLogger("fedpersona.store")
 
 
 class LedgerError(ValueError):
@@ -80,3 +90,51 @@ class DeviceStore:
 
     def save_user_adapter(self, state: State, config: LoraConfig) -> None:
         save_adapter(self.user_adapter_path, state, config)
+
+    @property
+    def replay_path(self) -> Path:
+        return self.root / "replay.safetensors"
+
+    def commit_round(self, replay: Replay, lora: LoraConfig) -> None:
+        """After the ledger is saved: keep the released reply (only the last round's),
+        then save the user adapter it carries. The replay goes first so that a kill
+        between the two is completed by :meth:`replayed_reply`, not trained twice."""
+        try:
+            data = pack(replay)
+        except ReplayError as err:  # a resent round is then trained again: over-counted
+            log.warning("round %d: reply not kept for replay: %s", replay.server_round, err)
+            self.replay_path.unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(self.replay_path, data)
+        if replay.user_state is not None:
+            self.save_user_adapter(replay.user_state, lora)
+
+    def replayed_reply(self, server_round: int, instruction: str,
+                       lora: LoraConfig) -> RecordDict | None:
+        """The reply kept for this round if ``instruction`` (a
+        :func:`client.replay.content_digest`) is the one it answered, else ``None``.
+
+        Re-sending it spends nothing: it is the identical output already released
+        and accounted, and re-releasing it is post-processing. A replay file that is
+        torn or corrupt counts as absent: the round is then trained and accounted
+        again, which over-counts the privacy spent but can never under-count it (the
+        ledger was saved before the replay file was written). If the device was
+        killed after keeping the reply but before saving the user adapter, the
+        adapter is completed from the replay, so it is trained exactly once."""
+        if not self.replay_path.is_file():
+            return None
+        try:
+            replay = unpack(self.replay_path)
+        except ReplayError as err:
+            log.warning("%s; training round %d again", err, server_round)
+            return None
+        if replay.server_round != server_round or replay.instruction != instruction:
+            return None
+        if replay.user_state is not None:
+            try:
+                current = self.load_user_adapter()
+            except AdapterFormatError:
+                current = None
+            if not states_equal(current, replay.user_state):
+                self.save_user_adapter(replay.user_state, lora)
+        return replay.reply
