@@ -25,6 +25,11 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.utils.fast_gradient_clipping_utils import (
+    DPOptimizerFastGradientClipping,
+    DPTensorFastGradientClipping,
+    GradSampleModuleFastGradientClipping,
+)
 
 from shared.adapters import RELEASED_LEVELS, activate, level_state
 from shared.lm import EncodedRecords, per_record_loss
@@ -60,9 +65,78 @@ def poisson_batch(num_records: int, rate: float, generator: torch.Generator) -> 
     return torch.nonzero(torch.rand(num_records, generator=generator) < rate).flatten()
 
 
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+class ReleasedOptimizer:
+    """One optimizer step at a time on the released adapters: Opacus DP-SGD or plain Adam.
+
+    ``grad_sample_mode="hooks"`` materialises every record's gradient of the
+    trainable (LoRA) parameters, then clips and sums them (Abadi et al., 2016).
+    ``"ghost"`` is ghost clipping (Li et al., "Large Language Models Can Be
+    Strong Differentially Private Learners", ICLR 2022; Opacus's fast gradient
+    clipping): per-record gradient *norms* from activations and backprops, then a
+    second backward pass on the loss reweighted by the clipping factors. Both
+    give the same clipped sum (a test checks it against a per-record loop); which
+    is faster depends on the model (``fedpersona bench dp`` measures it).
+
+    The model must already be placed, its adapters attached and its trainable set
+    chosen (opacus#820): wrapping registers hooks on what requires grad now.
+    """
+
+    def __init__(self, model, params, *, lr: float, dp: DPSettings, batch_size: int,
+                 generator: torch.Generator, grad_sample_mode: str = "hooks"):
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
+                             f"got {grad_sample_mode!r}")
+        self.params, self.dp, self.batch_size = params, dp, batch_size
+        self.ghost = dp.enabled and grad_sample_mode == "ghost"
+        self.generator = generator
+        adam = torch.optim.Adam(params, lr=lr)
+        if not dp.enabled:
+            self.module, self.optimizer = model, adam
+        elif self.ghost:
+            self.module = GradSampleModuleFastGradientClipping(
+                model, loss_reduction="mean", max_grad_norm=dp.max_grad_norm,
+                use_ghost_clipping=True)
+            self.optimizer = DPOptimizerFastGradientClipping(
+                adam, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                expected_batch_size=batch_size, loss_reduction="mean", generator=generator)
+        else:
+            self.module = GradSampleModule(model, loss_reduction="mean")
+            self.optimizer = DPOptimizer(adam, noise_multiplier=dp.noise_multiplier,
+                                         max_grad_norm=dp.max_grad_norm,
+                                         expected_batch_size=batch_size, generator=generator)
+
+    def step(self, batch: EncodedRecords) -> float:
+        """One step on ``batch`` (an empty DP batch is a noise-only step); its mean loss."""
+        self.optimizer.zero_grad()
+        if len(batch) == 0:
+            _noise_only_step(self.optimizer, self.params, self.dp, self.batch_size,
+                             self.generator)
+            return float("nan")
+        losses = per_record_loss(self.module, batch)  # (B,)
+        if self.ghost:
+            loss = DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean")
+        else:
+            loss = losses.mean()
+        loss.backward()
+        if self.dp.enabled:
+            _check_per_sample(self.params, len(batch), ghost=self.ghost)
+        self.optimizer.step()
+        return float(loss.item())
+
+    def close(self) -> None:
+        """Remove Opacus's hooks: the model is a plain peft model again."""
+        if self.dp.enabled:
+            self.optimizer.zero_grad()
+            self.module.to_standard_module()
+
+
 def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,
                    dp: DPSettings, scheme: str, generator: torch.Generator,
-                   levels: tuple[str, ...] = RELEASED_LEVELS) -> LocalResult:
+                   levels: tuple[str, ...] = RELEASED_LEVELS,
+                   grad_sample_mode: str = "hooks") -> LocalResult:
     """DP-SGD on ``levels`` (global + persona) with the user adapter inactive; the model is
     unwrapped after. The local-only baseline passes ``levels=("global",)``."""
     if "user" in levels:
@@ -74,33 +148,19 @@ def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, 
     rate = sample_rate(batch_size, len(data))
     losses = []
     model.train()
-    if dp.enabled:
-        module = GradSampleModule(model, loss_reduction="mean")
-        optimizer = DPOptimizer(torch.optim.Adam(params, lr=lr), noise_multiplier=dp.noise_multiplier,
-                                max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size,
-                                generator=generator)
-    else:
-        module, optimizer = model, torch.optim.Adam(params, lr=lr)
+    optimizer = ReleasedOptimizer(model, params, lr=lr, dp=dp, batch_size=batch_size,
+                                  generator=generator, grad_sample_mode=grad_sample_mode)
     try:
         for _ in range(steps):
             if dp.enabled:
                 index = poisson_batch(len(data), rate, generator)
             else:
                 index = torch.randperm(len(data), generator=generator)[:batch_size]
-            optimizer.zero_grad()
-            if len(index) == 0:
-                _noise_only_step(optimizer, params, dp, batch_size, generator)
-                continue
-            loss = per_record_loss(module, data.select(index)).mean()
-            loss.backward()
-            if dp.enabled:
-                _check_grad_samples(params, len(index))
-            optimizer.step()
-            losses.append(loss.item())
+            loss = optimizer.step(data.select(index))
+            if len(index):
+                losses.append(loss)
     finally:
-        if dp.enabled:
-            optimizer.zero_grad()
-            module.to_standard_module()  # removes the hooks; the model is ours again
+        optimizer.close()
         model.eval()
     for level in levels:
         _check_moved(before[level], level_state(model, level, scheme=scheme), level)
@@ -171,6 +231,18 @@ def _noise_only_step(optimizer, params, dp: DPSettings, batch_size: int,
         noise = torch.normal(0.0, std, p.shape, generator=generator).to(p.device, p.dtype)
         p.grad = noise / batch_size
     optimizer.original_optimizer.step()
+
+
+def _check_per_sample(params, batch: int, *, ghost: bool) -> None:
+    if ghost:  # ghost clipping keeps per-record gradient norms, not the gradients
+        for p in params:
+            norms = getattr(p, "_norm_sample", None)
+            if norms is None or norms.shape[0] != batch:
+                raise DPTrainingError(
+                    "Opacus computed no per-record gradient norm for a trainable adapter "
+                    "parameter (opacus#820 hazard): refusing to take a non-private step")
+        return
+    _check_grad_samples(params, batch)
 
 
 def _check_grad_samples(params, batch: int) -> None:

@@ -21,6 +21,7 @@ from shared.aggregation import ClientUpdate, FedAdamState, fedadam_step, hierarc
 from shared.central_dp import GLOBAL, PERSONA_PREFIX, private_round, secret_generator
 from shared.config import RunConfig
 from shared.records import checked_record_to_state, record_spec, state_to_record
+from shared.robust import robust_hierarchical_mean
 from shared.validation import UpdateRejected, check_spec, check_values, shown_name
 from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
@@ -104,7 +105,9 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
     DP-released tensors only). Raises :class:`UpdateRejected` naming the problem.
     """
     if reply.has_error():
-        raise UpdateRejected(f"client error: {reply.error.reason}")
+        # one line (Flower's reasons hold newlines) and bounded: the reason is the client's
+        reason = " ".join(str(reply.error.reason).split())
+        raise UpdateRejected(f"client error: {reason[:300]}")
     content = reply.content
     unknown = set(content.keys()) - ALLOWED_REPLY_KEYS
     if unknown:
@@ -153,13 +156,29 @@ def apply_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunCon
         return
     if not updates:
         return
-    global_mean, persona_means = hierarchical_mean(updates)
+    global_mean, persona_means = (robust_means(state, updates, cfg) if _robust(cfg)
+                                  else hierarchical_mean(updates))
     state.global_state = _step(state, "global", state.global_state, global_mean, cfg)
     for persona, mean in persona_means.items():
         if not persona or not mean:
             continue  # clients without a persona contribute to global only
         state.persona_states[persona] = _step(state, f"persona/{persona}",
                                               state.persona_states[persona], mean, cfg)
+
+
+def _robust(cfg: RunConfig) -> bool:
+    return cfg.aggregation != "mean" or cfg.clip_update_norm > 0
+
+
+def robust_means(state: ServerState, updates: Sequence[ClientUpdate],
+                 cfg: RunConfig) -> tuple[State, dict[str, State]]:
+    """:func:`shared.robust.robust_hierarchical_mean` of the changes from what was sent
+    (clipped to ``clip-update-norm``, then the mean or the trimmed mean)."""
+    return robust_hierarchical_mean(
+        updates, sent_part(state.global_state, cfg.lora_scheme),
+        {p: sent_part(s, cfg.lora_scheme) for p, s in state.persona_states.items()},
+        aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+        clip_norm=cfg.clip_update_norm)
 
 
 def _step(state: ServerState, name: str, current: State, mean: State, cfg: RunConfig) -> State:

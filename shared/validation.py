@@ -19,22 +19,29 @@ class UpdateRejected(ValueError):
 
 
 def check_spec(spec: Mapping[str, tuple[str, tuple[int, ...]]],
-               expected: Mapping[str, tuple[int, ...]], *, what: str) -> None:
-    """Keys, dtypes and shapes of a received record against the expected shapes."""
+               expected: Mapping[str, tuple[int, ...]], *, what: str,
+               dtype: str = WIRE_DTYPE) -> None:
+    """Keys, dtypes and shapes of a received record against the expected shapes; ``dtype``
+    is the run's transport dtype."""
     missing = sorted(set(expected) - set(spec))
     unexpected = sorted(set(spec) - set(expected))
     if unexpected:
-        raise UpdateRejected(f"{what}: unexpected key {unexpected[0]}"
+        raise UpdateRejected(f"{what}: unexpected key {shown_name(unexpected[0])}"
                              + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     if missing:
-        raise UpdateRejected(f"{what}: missing key {missing[0]}"
+        raise UpdateRejected(f"{what}: missing key {shown_name(missing[0])}"
                              + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for key, (dtype, shape) in spec.items():
-        if dtype != WIRE_DTYPE:
-            raise UpdateRejected(f"{what}: {key} has dtype {dtype}, expected {WIRE_DTYPE}")
+    for key, (got, shape) in spec.items():
+        if got != dtype:
+            raise UpdateRejected(f"{what}: {key} has dtype {shown_name(got)}, expected {dtype}")
         if tuple(shape) != tuple(expected[key]):
             raise UpdateRejected(f"{what}: {key} has shape {tuple(shape)}, "
                                  f"expected {tuple(expected[key])}")
+
+
+def shown_name(name: str) -> str:
+    """A client-chosen name as written, or quoted when it would break the log line."""
+    return name if name.isprintable() else repr(name)
 
 
 def check_values(state: Mapping[str, torch.Tensor], *, what: str,
@@ -47,9 +54,12 @@ def check_values(state: Mapping[str, torch.Tensor], *, what: str,
     squared = 0.0
     for key, tensor in state.items():
         if not torch.isfinite(tensor).all():
-            raise UpdateRejected(f"{what}: {key} holds NaN or Inf values")
-        delta = tensor - reference[key] if reference is not None else tensor
-        squared += float(delta.double().pow(2).sum())
+            nan = int(torch.isnan(tensor).sum())
+            raise UpdateRejected(f"{what}: {key} holds NaN or Inf values ({nan} NaN, "
+                                 f"{int(torch.isinf(tensor).sum())} Inf)")
+        # in float64: two finite float32 (or float16) values can differ by more than their max
+        delta = tensor.double() - (reference[key].double() if reference is not None else 0.0)
+        squared += float(delta.pow(2).sum())
     norm = math.sqrt(squared)
     if max_delta_norm is not None and norm > max_delta_norm:
         raise UpdateRejected(f"{what}: update norm {norm:.4g} exceeds the bound "

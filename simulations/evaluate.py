@@ -195,7 +195,8 @@ def _local_only(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenSt
     train_released(model, data, steps=steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                    dp=DPSettings(cfg.dp, cfg.noise_multiplier, cfg.max_grad_norm),
                    scheme=cfg.lora_scheme, levels=("global",),
-                   generator=torch.Generator().manual_seed(cfg.seed))
+                   generator=torch.Generator().manual_seed(cfg.seed),
+                   grad_sample_mode=cfg.grad_sample_mode)
     return ev.stats(ev.test_data(user), ("global",))
 
 

@@ -106,7 +106,7 @@ def round_message(cfg: RunConfig, state: ServerState, persona: str | None, messa
                   *, server_round: int = 1,
                   personas: Sequence[str] = PERSONAS) -> Message:
     """What the ServerApp sends a client: adapters, run config and round info."""
-    content = train_content(state, persona, cfg.lora_scheme)
+    content = train_content(state, persona, cfg.lora_scheme, cfg.transport_dtype)
     content[KEY_CONFIG] = run_config_record(cfg)
     content[KEY_ROUND] = round_record(server_round, tuple(personas))
     return instruction(content, message_type)

@@ -9,6 +9,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.trainer import (
+    GRAD_SAMPLE_MODES,
+    ReleasedOptimizer,
     DPSettings,
     DPTrainingError,
     _check_grad_samples,
@@ -113,6 +115,43 @@ def test_dp_optimizer_applies_mean_of_clipped_per_record_gradients(model, data):
     # Assert: SGD with lr=1 moved each parameter by minus the clipped mean
     for p, p0, g in zip(params, before, expected):
         torch.testing.assert_close((p0 - p.detach()).double(), g, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_both_grad_sample_modes_give_the_clipped_mean_of_per_record_gradients(model, data, mode):
+    # Arrange: the clip sits at the median per-record norm, so both branches are taken
+    _nonzero_released(model)
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    per_record = _per_record_grads(model, params, data)
+    norms = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+                         for grads in per_record])
+    max_grad_norm = float(norms.median())
+    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    expected = [sum(float(factors[i]) * per_record[i][j].double() for i in range(len(data)))
+                / len(data) for j in range(len(params))]
+    dp = DPSettings(enabled=True, noise_multiplier=0.0, max_grad_norm=max_grad_norm)
+    optimizer = ReleasedOptimizer(model, params, lr=1e-3, dp=dp, batch_size=len(data),
+                                  generator=torch.Generator().manual_seed(0),
+                                  grad_sample_mode=mode)
+
+    # Act
+    try:
+        optimizer.step(data.select(torch.arange(len(data))))
+        applied = [p.grad.detach().double().clone() for p in params]
+    finally:
+        optimizer.close()
+
+    # Assert: the gradient the optimizer applied is the clipped per-record mean
+    for got, want in zip(applied, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+    assert all(getattr(p, "grad_sample", None) is None for p in params)  # unwrapped
+
+
+def test_unknown_grad_sample_mode_is_refused(model):
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        ReleasedOptimizer(model, params, lr=0.1, dp=DP, batch_size=2,
+                          generator=torch.Generator(), grad_sample_mode="functorch")
 
 
 def test_wrapping_before_trainable_set_is_fixed_is_caught(model, data):
