@@ -14,10 +14,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.discovery import choose_cluster, cluster_states
+from client.faults import inject_faults
 from client.node import resolve_user
 from client.replay import Replay, content_digest
 from client.secagg import secagg_mod
-from client.store import DeviceStore
+from client.store import DeviceStore, device_secret
 from client.trainer import (
     DPSettings,
     private_mean_loss,
@@ -90,7 +91,8 @@ def train(msg: Message, context: Context) -> Message:
                         "epsilon": ledger.epsilon})
         return Message(RecordDict({KEY_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    generator = torch.Generator().manual_seed(_seed(cfg, int(info["server-round"]), user))
+    generator = torch.Generator().manual_seed(_seed(cfg, int(info["server-round"]), user,
+                                                    secret=device_secret(user_dir)))
     _load_levels(runtime, msg.content, persona_index, store)
     if clusters:
         persona_index = (_seed(cfg, -1, user) % len(clusters) if random_start else
@@ -193,8 +195,10 @@ def _load_levels(runtime: Runtime, content: RecordDict, persona_index: int,
         load_level(model, "user", user_state)
 
 
-def _seed(cfg: RunConfig, server_round: int, user: UserData) -> int:
-    digest = hashlib.sha256(f"{cfg.seed}:{server_round}:{user.profile.user_id}".encode())
+def _seed(cfg: RunConfig, server_round: int, user: UserData, *, secret: bytes = b"") -> int:
+    """A per-round seed. With the device's ``secret`` it is private (DP noise); without it,
+    public (the random cluster start, which anyone may know)."""
+    digest = hashlib.sha256(secret + f"{cfg.seed}:{server_round}:{user.profile.user_id}".encode())
     return int.from_bytes(digest.digest()[:8], "big") >> 1
 
 
@@ -202,8 +206,9 @@ def make_client_app(*extra_mods) -> ClientApp:
     """The ClientApp. The wire log is the outermost mod: it records each reply exactly as
     it leaves; then Flower's SecAgg+ for ``secagg`` rounds (:mod:`client.secagg`), which
     masks what the handler (and ``extra_mods``, which tests use to misbehave on purpose)
-    returns."""
-    client_app = ClientApp(mods=[record_wire, secagg_mod, *extra_mods])
+    returns; then fault injection, a no-op unless a simulation sets ``fault-fraction``
+    (:mod:`client.faults`: always installed, as the config only arrives with messages)."""
+    client_app = ClientApp(mods=[record_wire, secagg_mod, inject_faults, *extra_mods])
     client_app.query()(query)
     client_app.train()(train)
     client_app.evaluate()(evaluate)

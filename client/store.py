@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -28,11 +30,44 @@ from shared.atomic import write_bytes_atomic, write_json_atomic
 from shared.privacy import PrivacyLedger
 
 STATE_DIR = ".fedpersona"
+SECRET_BYTES = 32
 log = logging.getLogger("fedpersona.store")
 
 
 class LedgerError(ValueError):
     """The on-device ledger is unreadable or was written for different settings."""
+
+
+def device_secret(user_dir: Path) -> bytes:
+    """32 random bytes made once per device (user directory), kept there, never sent.
+
+    Every random draw of DP-SGD (Poisson batches, Gaussian noise) is seeded from
+    this secret. Seeded from public values alone (run seed, round, user id), the
+    server could regenerate the noise and subtract it, and the guarantee would be
+    void. Seeded from the secret, a device still reproduces its own rounds (a
+    resumed server gets the same reply) while nobody else can. A missing or torn
+    secret is replaced by a fresh one: new randomness costs no privacy.
+    """
+    path = Path(user_dir) / STATE_DIR / "device-secret"
+    if path.is_file():
+        secret = path.read_bytes()
+        if len(secret) == SECRET_BYTES:
+            return secret
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".device-secret.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:  # mkstemp makes it 0600
+            fh.write(os.urandom(SECRET_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # never replaces: a concurrent first use keeps one secret
+        except FileExistsError:
+            pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path.read_bytes()
 
 
 class DeviceStore:

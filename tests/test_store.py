@@ -219,3 +219,50 @@ def test_an_unlimited_budget_survives_the_round_trip(tmp_path):
     again = DeviceStore(tmp_path, "fed").load_ledger(target_epsilon=math.inf, target_delta=1e-5)
 
     assert again.target_epsilon == math.inf and again.rounds == 1
+
+
+# -- the device secret behind every DP random draw ---------------------------------------------
+
+def test_device_secret_is_made_once_private_and_stable(tmp_path):
+    from client.store import SECRET_BYTES, device_secret
+
+    first = device_secret(tmp_path / "u1")
+    path = tmp_path / "u1" / ".fedpersona" / "device-secret"
+    assert len(first) == SECRET_BYTES and path.read_bytes() == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert device_secret(tmp_path / "u1") == first
+    assert device_secret(tmp_path / "u2") != first
+
+
+def test_a_torn_device_secret_is_replaced(tmp_path):
+    from client.store import SECRET_BYTES, device_secret
+
+    path = tmp_path / ".fedpersona" / "device-secret"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"short")
+    secret = device_secret(tmp_path)
+    assert len(secret) == SECRET_BYTES and path.read_bytes() == secret
+
+
+def test_dp_noise_is_not_reproducible_from_public_values(tmp_path):
+    """The same user id, run seed and round on two devices (two secrets) train differently:
+    the server, which knows all three, cannot regenerate a device's noise."""
+    import shutil
+
+    from helpers import initial_server_state, node_context, round_message, small_config
+
+    from client.client_app import train
+    from shared.records import record_to_state
+    from shared.wire import KEY_GLOBAL
+
+    cfg = small_config(tmp_path / "one")
+    shutil.copytree(tmp_path / "one" / "pop", tmp_path / "two" / "pop")
+    cfg_two = small_config(tmp_path / "two", run_dir=cfg.run_dir)
+    state = initial_server_state(cfg)
+
+    replies = [train(round_message(c, state, "a", "train"), node_context(0))
+               for c in (cfg, cfg, cfg_two)]
+
+    first, again, other = (record_to_state(r.content[KEY_GLOBAL]) for r in replies)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # a device reproduces itself
+    assert any(not torch.equal(first[k], other[k]) for k in first)
