@@ -22,6 +22,8 @@ DTYPES = ("float32", "bfloat16")
 # bfloat16 is not among them: Flower's Array goes through numpy, which has no bfloat16
 TRANSPORT_DTYPES = ("float32", "float16")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")  # client.trainer checks the same names
+AGGREGATIONS = ("mean", "trimmed-mean")  # shared.robust implements them
+FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # client.faults injects them
 
 
 DISCOVERED_PREFIX = "discovered:"
@@ -78,6 +80,13 @@ class RunConfig:
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     max_update_norm: float = 0.0  # reject an update whose L2 change exceeds this; 0 = no bound
+    # robust aggregation of accepted updates (shared/robust.py); see also max_update_norm
+    aggregation: str = "mean"  # "mean" (example-weighted) or "trimmed-mean" (Yin et al. 2018)
+    trim_fraction: float = 0.1  # trimmed-mean: fraction dropped at each end, per coordinate
+    clip_update_norm: float = 0.0  # scale each client's change to at most this L2 norm; 0 = off
+    # -- fault injection in simulations (client/faults.py) ---------------------------------
+    fault_fraction: float = 0.0  # fraction of simulated users that misbehave in training
+    fault_kinds: str = "nan,inf,shape,names,norm,crash"  # how they misbehave, in turn
     # -- user-level DP on the server's aggregates (DP-FedAvg; shared/central_dp.py) -------
     central_dp: bool = False
     central_noise_multiplier: float = 1.0  # z: noise std on each aggregate's sum is z * C
@@ -170,6 +179,7 @@ class RunConfig:
         if not self.lora_target_modules:
             raise ConfigError("lora-targets must name at least one module")
         self._check_central_dp()
+        self._check_robustness()
         self._check_secagg()
 
     def _check_secagg(self) -> None:
@@ -203,6 +213,26 @@ class RunConfig:
             raise ConfigError("secagg with central-dp is not supported: central DP clips each "
                               "client's update on the server, which secure aggregation hides")
 
+    def _check_robustness(self) -> None:
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if not (self.clip_update_norm >= 0 and math.isfinite(self.clip_update_norm)):
+            raise ConfigError(f"clip-update-norm must be a finite number >= 0, got "
+                              f"{self.clip_update_norm}")
+        robust = self.aggregation != "mean" or self.clip_update_norm > 0
+        for on, name in ((self.central_dp, "central-dp"), (self.secagg, "secagg")):
+            if robust and on:  # both replace the per-client mean that these transform
+                raise ConfigError(f"aggregation = {self.aggregation} / clip-update-norm = "
+                                  f"{self.clip_update_norm:g} need the server to see each "
+                                  f"update; {name} aggregates them its own way")
+        if not 0.0 <= self.fault_fraction < 1.0:
+            raise ConfigError(f"fault-fraction must be in [0, 1), got {self.fault_fraction}")
+        unknown = [k for k in self.fault_kind_list if k not in FAULT_KINDS]
+        if unknown or not self.fault_kind_list:
+            raise ConfigError(f"fault-kinds must name some of {', '.join(FAULT_KINDS)}; got "
+                              f"{self.fault_kinds!r}")
+
     def _check_central_dp(self) -> None:
         for name in ("central_noise_multiplier", "clipping_norm", "central_min_clients"):
             value = getattr(self, name)
@@ -234,6 +264,10 @@ class RunConfig:
     @property
     def persona_name_list(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.persona_names.split(",") if p.strip())
+
+    @property
+    def fault_kind_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.fault_kinds.split(",") if k.strip())
 
     @property
     def lora_target_modules(self) -> tuple[str, ...]:

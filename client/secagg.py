@@ -1,0 +1,107 @@
+"""Client side of secure aggregation: Flower's own ``secaggplus_mod`` around our handler.
+
+The server's SecAgg+ rounds (:mod:`server.secagg`) send four TRAIN messages per
+round, each with Flower's ``secaggplus_configs`` record. :func:`secagg_mod` hands
+those to :func:`flwr.client.mod.secaggplus_mod` (key agreement, Shamir shares,
+masking: none of it is reimplemented here); any other message goes straight on.
+In the masking stage Flower's mod calls the inner handler, expecting a FitRes-style
+reply; :func:`_secagg_input` turns our train reply into one: the packed vector of
+:mod:`shared.secagg` (changes from what the server sent, clipped here because the
+server can no longer check them) and the example count as the weight. Flower's mod
+then masks it and empties every array record: the adapters never leave in clear.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from shared.config import RunConfig
+from shared.records import record_to_state
+from shared.secagg import clip_change, pack
+from shared.wire import (
+    KEY_CONFIG,
+    KEY_GLOBAL,
+    KEY_METRICS,
+    KEY_PERSONA,
+    KEY_ROUND,
+    read_run_config,
+)
+
+log = logging.getLogger("fedpersona.secagg")
+
+
+def secagg_mod(msg: Message, context: Context,
+               call_next: Callable[[Message, Context], Message]) -> Message:
+    """Run a SecAgg+ stage through Flower's mod; pass everything else through."""
+    if (msg.metadata.message_type != MessageType.TRAIN
+            or RECORD_KEY_CONFIGS not in msg.content.config_records):
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, _secagg_input(call_next))
+
+
+def _secagg_input(call_next: Callable[[Message, Context], Message]
+                  ) -> Callable[[Message, Context], Message]:
+    def handler(msg: Message, context: Context) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error():  # Flower's mod turns this into an error reply: a dropout
+            raise RuntimeError(f"training failed: {reply.error.reason}")
+        cfg = read_run_config(msg.content[KEY_CONFIG])
+        metrics = dict(reply.content.metric_records[KEY_METRICS])
+        num_slots = len(list(msg.content[KEY_ROUND]["persona-names"]))
+        vector, weight = secagg_input(msg.content, reply.content, metrics, cfg, num_slots)
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), weight, metrics)
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    return handler
+
+
+def secagg_input(sent: RecordDict, reply: RecordDict, metrics: dict, cfg: RunConfig,
+                 num_slots: int) -> tuple[list[np.ndarray], int]:
+    """The vector to mask and its weight (examples; 0 when the client declined)."""
+    sent_global = _numpy(sent.array_records[KEY_GLOBAL])
+    zeros = {k: np.zeros_like(v) for k, v in sent_global.items()}
+    if int(metrics.get("declined", 0)):
+        return pack(zeros, None, -1, num_slots), 0  # adds nothing, weighs nothing
+    weight = int(metrics["num-examples"])
+    if not 0 < weight <= cfg.secagg_max_weight:
+        raise ValueError(f"{weight} examples: secure aggregation weighs at most "
+                         f"secagg-max-weight = {cfg.secagg_max_weight}")
+    global_change = _change(reply.array_records[KEY_GLOBAL], sent_global, cfg, "global")
+    slot, persona_change = -1, None
+    if KEY_PERSONA in reply.array_records:
+        slot = int(metrics["persona-index"])
+        sent_persona = sent.array_records.get(KEY_PERSONA)
+        if sent_persona is None:  # discovered personas: the client chose among K
+            sent_persona = sent.array_records.get(f"{KEY_PERSONA}-{slot}")
+        if sent_persona is None:
+            raise ValueError(f"trained persona {slot}, but the server sent no such adapter")
+        persona_change = _change(reply.array_records[KEY_PERSONA], _numpy(sent_persona), cfg,
+                                 f"persona {slot}")
+    return pack(global_change, persona_change, slot, num_slots), weight
+
+
+def _change(released, sent: dict[str, np.ndarray], cfg: RunConfig,
+            what: str) -> dict[str, np.ndarray]:
+    after = _numpy(released)
+    if sorted(after) != sorted(sent):
+        raise ValueError(f"{what} adapter: released tensors differ from those received")
+    change = {k: after[k] - sent[k] for k in sent}
+    if not all(np.isfinite(v).all() for v in change.values()):
+        raise ValueError(f"{what} adapter: NaN or Inf after training")
+    out, clipped = clip_change(change, max_norm=cfg.max_update_norm,
+                               clipping_range=cfg.secagg_clipping_range)
+    if clipped:  # kept on the device: the fact that it clipped is about its data
+        log.warning("%s adapter: change clipped to norm %s / range %s before masking", what,
+                    cfg.max_update_norm or "-", cfg.secagg_clipping_range)
+    return out
+
+
+def _numpy(record) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record_to_state(record).items()}

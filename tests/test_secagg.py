@@ -1,0 +1,325 @@
+"""Secure aggregation with Flower's SecAgg+: the packed vector, the precision bound, the
+settings, and a real simulation whose aggregates match plain aggregation while the
+server never holds an individual update."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import MessageType, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
+from flwr.common.serde import recorddict_to_proto
+
+import server.secagg
+from client.client_app import make_client_app
+from client.node import resolve_user
+from client.secagg import secagg_input
+from server.checkpoint import ServerState, load_checkpoint
+from server.strategy import apply_round, sent_part
+from shared.aggregation import ClientUpdate
+from shared.config import ConfigError, RunConfig
+from shared.records import record_to_state, state_to_record
+from shared.secagg import clip_change, error_bound, pack, quantized_weight, unpack
+from shared.wire import (
+    KEY_CONFIG,
+    KEY_GLOBAL,
+    KEY_METRICS,
+    KEY_PERSONA,
+    KEY_ROUND,
+    read_run_config,
+)
+from tests.helpers import PERSONAS, small_config
+
+SHAPES = {"b.weight": (2, 3), "a.weight": (4,)}
+
+
+def _state(value: float) -> dict[str, np.ndarray]:
+    return {k: np.full(s, value, dtype=np.float32) for k, s in SHAPES.items()}
+
+
+# -- the vector ---------------------------------------------------------------------------
+
+def test_pack_fills_only_the_clients_slot_and_unpack_inverts_it():
+    vector = pack(_state(1.0), _state(2.0), 1, 3)
+
+    assert [a.shape for a in vector] == [(4,), (2, 3)] * 4  # sorted names, global + 3 slots
+    global_part, slots = unpack(vector, SHAPES, 3)
+    assert all((v == 1.0).all() for v in global_part.values())
+    assert [float(sum(v.sum() for v in s.values())) for s in slots] == [0.0, 20.0, 0.0]
+
+
+def test_pack_without_persona_and_layout_errors():
+    vector = pack(_state(1.0), None, -1, 2)
+    assert sum(float(a.sum()) for a in vector[2:]) == 0.0
+    with pytest.raises(ValueError, match="slot 2 is not in"):
+        pack(_state(1.0), _state(1.0), 2, 2)
+    with pytest.raises(ValueError, match="needs a persona change"):
+        pack(_state(1.0), None, 0, 2)
+    with pytest.raises(ValueError, match="4 arrays, expected 6"):
+        unpack(vector[:4], SHAPES, 2)
+    with pytest.raises(ValueError, match=r"array 1 has shape \[3, 2\], expected \[2, 3\]"):
+        unpack([vector[0], vector[1].reshape(3, 2), *vector[2:]], SHAPES, 2)
+
+
+def test_clip_change_bounds_the_norm_then_each_coordinate():
+    change = {"x": np.array([3.0, 4.0], dtype=np.float32)}  # norm 5
+
+    scaled, clipped = clip_change(change, max_norm=1.0, clipping_range=10.0)
+    np.testing.assert_allclose(scaled["x"], [0.6, 0.8], rtol=1e-6)
+    assert clipped
+    cut, clipped = clip_change(change, max_norm=0.0, clipping_range=3.5)
+    np.testing.assert_array_equal(cut["x"], [3.0, 3.5])
+    assert clipped
+    same, clipped = clip_change(change, max_norm=0.0, clipping_range=4.0)
+    np.testing.assert_array_equal(same["x"], [3.0, 4.0])
+    assert not clipped
+
+
+def test_weights_and_error_bound_follow_flowers_quantization():
+    # Flower's mod: q = round(n / W * R); a power-of-two W keeps q exact
+    assert quantized_weight(20, max_weight=32, quantization_range=2**22) == 20 * 2**17
+    assert quantized_weight(1, max_weight=3, quantization_range=10) == 3
+    # 3 vectors, each off by < one quantum 2c/R, over a weight of Q/R
+    assert error_bound(3, 3 * 20 * 2**17, clipping_range=1.0, quantization_range=2**22) == \
+        pytest.approx(3 * (2 / 2**22) / (3 * 20 * 2**17 / 2**22))
+    with pytest.raises(ValueError, match="weight_total must be > 0"):
+        error_bound(3, 0, clipping_range=1.0, quantization_range=2**22)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"clients_per_round": 2}, "clients-per-round >= 3"),
+    ({"secagg_num_shares": 4}, "odd number >= 3, got 4"),
+    ({"secagg_num_shares": 5, "secagg_reconstruction_threshold": 5}, "got 5"),
+    ({"secagg_reconstruction_threshold": 1}, "got 1"),
+    ({"secagg_clipping_range": 0.0}, "secagg-clipping-range must be a finite number > 0"),
+    ({"secagg_quantization_range": 2**31}, r"secagg-quantization-range must be in \[2, 2\*\*31\)"),
+    ({"clients_per_round": 1024}, "must stay below 2\\*\\*32"),
+    ({"secagg_max_weight": 0}, "secagg-max-weight must be >= 1, got 0"),
+    ({"central_dp": True}, "secagg with central-dp is not supported"),
+])
+def test_bad_secagg_settings_are_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**{"secagg": True, "clients_per_round": 3, **changes})
+
+
+def test_client_input_is_the_clipped_change_in_its_slot(tmp_path):
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=3, secagg_clipping_range=0.5,
+                       secagg_max_weight=32)
+    sent = RecordDict({KEY_GLOBAL: state_to_record({k: torch.zeros(s) for k, s in SHAPES.items()}),
+                       KEY_PERSONA: state_to_record({k: torch.ones(s) for k, s in SHAPES.items()})})
+    reply = RecordDict({KEY_GLOBAL: state_to_record({k: torch.full(s, 0.25)
+                                                     for k, s in SHAPES.items()}),
+                        KEY_PERSONA: state_to_record({k: torch.full(s, 2.0)
+                                                      for k, s in SHAPES.items()})})
+    metrics = {"num-examples": 20, "persona-index": 1, "declined": 0}
+
+    vector, weight = secagg_input(sent, reply, metrics, cfg, num_slots=2)
+
+    assert weight == 20
+    global_part, slots = unpack(vector, SHAPES, 2)
+    assert all((v == 0.25).all() for v in global_part.values())
+    assert all((v == 0.0).all() for v in slots[0].values())
+    assert all((v == 0.5).all() for v in slots[1].values())  # change 1.0 clipped to 0.5
+    declined, weight = secagg_input(sent, reply, {**metrics, "declined": 1}, cfg, num_slots=2)
+    assert weight == 0 and all((a == 0).all() for a in declined)
+    with pytest.raises(ValueError, match="40 examples: secure aggregation weighs at most"):
+        secagg_input(sent, reply, {**metrics, "num-examples": 40}, cfg, num_slots=2)
+
+
+# -- a real simulation -----------------------------------------------------------------------
+
+def _spy(msg, context, call_next):
+    """Innermost mod: saves what a client received and released in clear (test only:
+    the server never gets this), and the plain message sizes."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    cfg = read_run_config(msg.content[KEY_CONFIG])
+    user = resolve_user(context, cfg)[0].name
+    server_round = int(msg.content[KEY_ROUND]["server-round"])
+    out = Path(cfg.run_dir).parent / "spy"
+    out.mkdir(exist_ok=True)
+    states = {f"{side}/{name}": record_to_state(content[name])
+              for side, content in (("sent", msg.content), ("released", reply.content))
+              for name in (KEY_GLOBAL, KEY_PERSONA) if name in content.array_records}
+    plain = {name: content for name, content in msg.content.items()
+             if name != RECORD_KEY_CONFIGS}
+    torch.save({"states": states, "metrics": dict(reply.content[KEY_METRICS]),
+                "node": context.node_id,
+                "bytes_in": recorddict_to_proto(RecordDict(plain)).ByteSize(),
+                "bytes_out": recorddict_to_proto(reply.content).ByteSize()},
+               out / f"{server_round}-{user}.pt")
+    return reply
+
+
+def _drop_u2_in_round_2(msg, context, call_next):
+    """Under secagg, u2 trains in round 2 and then fails: a dropout after key sharing."""
+    reply = call_next(msg, context)
+    cfg = read_run_config(msg.content[KEY_CONFIG])
+    if (cfg.secagg and msg.metadata.message_type == MessageType.TRAIN
+            and int(msg.content[KEY_ROUND]["server-round"]) == 2
+            and resolve_user(context, cfg)[0].name == "u2"):
+        raise RuntimeError("simulated dropout")
+    return reply
+
+
+def _load_spy(root: Path) -> dict[tuple[int, str], dict]:
+    return {(int(p.stem.split("-")[0]), p.stem.split("-")[1]): torch.load(p)
+            for p in sorted((root / "spy").glob("*.pt"))}
+
+
+def _expected_round(spy: dict, server_round: int, users: list[str], cfg: RunConfig,
+                    persona_of: dict[str, str]) -> ServerState:
+    """apply_round on the clients' plain updates, from what they were sent."""
+    first = spy[(server_round, users[0])]["states"]
+    sent_persona = {persona_of[u]: spy[(server_round, u)]["states"]["sent/persona"]
+                    for u in spy_users(spy, server_round)}
+    state = ServerState(round=server_round - 1, global_state=dict(first["sent/global"]),
+                        persona_states={p: dict(sent_persona[p]) for p in PERSONAS})
+    updates = [ClientUpdate(global_state=spy[(server_round, u)]["states"]["released/global"],
+                            persona=persona_of[u],
+                            persona_state=spy[(server_round, u)]["states"]["released/persona"],
+                            num_examples=int(spy[(server_round, u)]["metrics"]["num-examples"]))
+               for u in sorted(users)]
+    apply_round(state, updates, cfg)
+    return state
+
+
+def spy_users(spy: dict, server_round: int) -> list[str]:
+    return sorted(u for r, u in spy if r == server_round)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _tolerance(cfg: RunConfig, vectors: int, examples: int, values: dict) -> float:
+    """The quantization bound for a mean over ``examples``, plus float32 rounding."""
+    weight = quantized_weight(examples, max_weight=cfg.secagg_max_weight,
+                              quantization_range=cfg.secagg_quantization_range)
+    scale = max(float(v.abs().max()) for v in values.values())
+    return error_bound(vectors, weight, clipping_range=cfg.secagg_clipping_range,
+                       quantization_range=cfg.secagg_quantization_range) \
+        + 4 * float(np.finfo(np.float32).eps) * scale
+
+
+@pytest.mark.integration
+def test_secagg_matches_plain_aggregation_and_the_server_sees_only_masked_vectors(tmp_path):
+    from simulations.simulate import simulate
+
+    settings = {"clients_per_round": 3, "num_rounds": 2, "target_epsilon": 50.0,
+                "secagg_max_weight": 32}
+    plain_cfg = small_config(tmp_path / "plain", **settings)
+    secure_cfg = small_config(tmp_path / "secure", secagg=True, **settings)
+    app = make_client_app(_drop_u2_in_round_2, _spy)
+    received: list[tuple[str, object]] = []
+
+    started = time.monotonic()
+    plain = simulate(plain_cfg, final_evaluation=False, client_app=app)
+    plain_seconds = time.monotonic() - started
+    server.secagg.reply_observers.append(lambda stage, reply: received.append((stage, reply)))
+    try:
+        started = time.monotonic()
+        secure = simulate(secure_cfg, final_evaluation=False, client_app=app)
+        secure_seconds = time.monotonic() - started
+    finally:
+        server.secagg.reply_observers.clear()
+
+    persona_of = {"u1": "a", "u2": "b", "u3": "a"}  # tests.helpers.write_small_population
+    plain_spy, spy = _load_spy(tmp_path / "plain"), _load_spy(tmp_path / "secure")
+    # Two simulate() runs do not release bit-identical DP updates (their noise differs),
+    # so the reference is plain aggregation (apply_round) of the very updates this
+    # run's clients released, which the spy kept; the plain run gives the cost.
+    changes = [_max_diff(s["states"][f"released/{n}"], s["states"][f"sent/{n}"])
+               for s in spy.values() for n in ("global", "persona")]
+    assert max(changes) < secure_cfg.secagg_clipping_range  # nothing clipped: same inputs
+
+    # -- the history says how each round was aggregated
+    assert all("secure_aggregation" not in r for r in plain["rounds"])
+    first, second = (r["secure_aggregation"] for r in secure["rounds"])
+    assert (first["shares"], first["threshold"], first["summed"]) == (3, 2, 3)
+    assert second["summed"] == 2 and secure["rounds"][1]["trained_users"] == ["u1", "u3"]
+    assert [(e["client"], "simulated dropout" in e["reason"])
+            for e in secure["rejected_updates"]] == [("u2", True)]
+
+    # -- the aggregates equal plain aggregation within the quantization bound
+    examples = {u: int(spy[(1, u)]["metrics"]["num-examples"]) for u in persona_of}
+    after_1 = _expected_round(spy, 1, ["u1", "u2", "u3"], secure_cfg, persona_of)
+    got_1 = {"global": spy[(2, "u1")]["states"]["sent/global"],  # what round 2 was sent
+             "a": spy[(2, "u1")]["states"]["sent/persona"],
+             "b": spy[(2, "u2")]["states"]["sent/persona"]}
+    tol_global = _tolerance(secure_cfg, 3, sum(examples.values()), got_1["global"])
+    diff = _max_diff(got_1["global"], after_1.global_state)
+    assert 0 < diff <= tol_global  # quantized (stochastic rounding), but within the bound
+    assert tol_global < 1e-5
+    assert _max_diff(got_1["a"], after_1.persona_states["a"]) <= _tolerance(
+        secure_cfg, 3, examples["u1"] + examples["u3"], got_1["a"])
+    assert _max_diff(got_1["b"], after_1.persona_states["b"]) <= _tolerance(
+        secure_cfg, 3, examples["u2"], got_1["b"])
+
+    # round 2: u2 dropped after sharing its keys; SecAgg+ summed u1 and u3 only
+    after_2 = _expected_round(spy, 2, ["u1", "u3"], secure_cfg, persona_of)
+    final = load_checkpoint(Path(secure_cfg.run_dir))
+    final_global = sent_part(final.global_state, secure_cfg.lora_scheme)
+    assert _max_diff(final_global, after_2.global_state) <= _tolerance(
+        secure_cfg, 2, examples["u1"] + examples["u3"], final_global)
+    final_a = sent_part(final.persona_states["a"], secure_cfg.lora_scheme)
+    assert _max_diff(final_a, after_2.persona_states["a"]) <= _tolerance(
+        secure_cfg, 2, examples["u1"] + examples["u3"], final_a)
+    assert _max_diff(sent_part(final.persona_states["b"], secure_cfg.lora_scheme),
+                     got_1["b"]) == 0.0  # no member of b was summed: unchanged
+
+    # -- what the server received: keys, shares and masked integers, never an adapter
+    assert {stage for stage, _ in received} == set(Stage.all())
+    assert all(not record for _, reply in received if not reply.has_error()
+               for record in reply.content.array_records.values())
+    masked = [(stage, reply) for stage, reply in received
+              if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error()]
+    assert len(masked) == 3 + 2
+    node_user = {s["node"]: u for (_, u), s in spy.items()}
+    cfg = secure_cfg
+    for _, reply in masked:
+        vector = [bytes_to_ndarray(b) for b in
+                  reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+        user = node_user[reply.metadata.src_node_id]
+        states = spy[(int(reply.metadata.group_id), user)]["states"]
+        change = {n: {k: (states[f"released/{n}"][k] - states[f"sent/{n}"][k]).numpy()
+                      for k in states[f"sent/{n}"]} for n in ("global", "persona")}
+        clear = pack(change["global"], change["persona"], PERSONAS.index(persona_of[user]), 2)
+        dq = quantized_weight(examples[user], max_weight=cfg.secagg_max_weight,
+                              quantization_range=cfg.secagg_quantization_range)
+        scale = cfg.secagg_quantization_range / (2 * cfg.secagg_clipping_range)
+        quantized = np.concatenate([((a * dq / cfg.secagg_quantization_range
+                                      + cfg.secagg_clipping_range) * scale).ravel()
+                                    for a in clear])
+        sent = np.concatenate([a.ravel() for a in vector[1:]]).astype(np.float64)
+        assert all(np.issubdtype(a.dtype, np.integer) for a in vector)
+        assert sent.min() >= 0 and sent.max() < 2**32
+        # the masked coordinates are unrelated to the client's quantized change
+        assert np.mean(np.abs(sent - quantized) <= 2) < 0.01
+        assert abs(np.corrcoef(sent, quantized)[0, 1]) < 0.15
+
+    # -- the cost, measured here (printed for the report)
+    plain_up = sum(s["bytes_out"] for (r, _), s in plain_spy.items() if r == 1)
+    plain_down = sum(s["bytes_in"] for (r, _), s in plain_spy.items() if r == 1)
+    assert first["bytes_received"] > 2 * plain_up  # K + 1 = 3 slots, int64 vs float32
+    print(f"\nround seconds plain {[r['seconds'] for r in plain['rounds']]} "
+          f"secagg {[r['seconds'] for r in secure['rounds']]}; simulate() total "
+          f"{plain_seconds:.1f}s vs {secure_seconds:.1f}s")
+    print(f"round 1 bytes to clients: plain {plain_down}, secagg {first['bytes_sent']}; "
+          f"from clients: plain {plain_up}, secagg {first['bytes_received']}")
+    print("round 1 secagg stages: " + ", ".join(
+        f"{name} {s['seconds']}s {s['bytes_sent']}B out {s['bytes_received']}B in"
+        for name, s in first["stages"].items()))
+    print(f"round 1 max |secagg - plain| global {diff:.3g} (bound {tol_global:.3g}); "
+          f"bounds {first['quantization_error_bound']}")
