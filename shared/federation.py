@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from shared.config import RunConfig
+from shared.config import RunConfig, expand_path
 from shared.model import cache_root
 from shared.shakespeare import ensure_population, settings_from_config
 from shared.userdata import ROLE_TRAIN, Population, PopulationEntry, load_population
@@ -18,7 +18,7 @@ from shared.userdata import ROLE_TRAIN, Population, PopulationEntry, load_popula
 def population_dir(cfg: RunConfig) -> Path:
     """``data-dir``, or the Shakespeare population for these settings (built once)."""
     if cfg.data_dir:
-        return Path(cfg.data_dir).expanduser()
+        return expand_path("data-dir", cfg.data_dir)
     return ensure_population(settings_from_config(cfg), cache_root() / "data")
 
 

@@ -30,7 +30,7 @@ DATA_FILE = "data.jsonl"
 TEST_FILE = "test.jsonl"
 MANIFEST_FILE = "population.json"
 USERS_DIR = "users"
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")  # $ admits a final "\n"
 
 # Roles of users in a population.
 ROLE_TRAIN = "train"
@@ -80,8 +80,8 @@ def load_profile(user_dir: Path) -> Profile:
         raise DataFormatError(f"{path}: missing (every user directory needs a profile.json)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{path}: not valid JSON ({err})") from None
+    except _JSON_ERRORS as err:
+        raise DataFormatError(f"{path}: not valid JSON ({_reason(err)})") from None
     if not isinstance(raw, dict):
         raise DataFormatError(f"{path}: must hold a JSON object")
     user_id = raw.get("user_id")
@@ -103,8 +103,9 @@ def parse_record(obj: Any, where: str) -> Record:
     if "text" in obj:
         extra = set(obj) - {"text"}
         if extra:
+            shown = (k if k.isprintable() else repr(k) for k in sorted(extra))
             raise DataFormatError(f"{where}: a text record has only 'text' (extra: "
-                                  f"{', '.join(sorted(extra))})")
+                                  f"{', '.join(shown)})")
         text = obj["text"]
         if not isinstance(text, str) or not text.strip():
             raise DataFormatError(f"{where}: 'text' must be a non-empty string")
@@ -127,7 +128,9 @@ def load_records(path: Path, *, required: bool = True) -> tuple[Record, ...]:
         return ()
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # "\n" only: splitlines() also splits at U+2028 and U+0085, which
+        # json.dumps(ensure_ascii=False) leaves unescaped inside a record's strings
+        lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: not UTF-8 text ({err})") from None
     for lineno, line in enumerate(lines, start=1):
@@ -135,10 +138,21 @@ def load_records(path: Path, *, required: bool = True) -> tuple[Record, ...]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        except _JSON_ERRORS as err:
+            raise DataFormatError(f"{path}:{lineno}: malformed JSON ({_reason(err)})") from None
         records.append(parse_record(obj, f"{path}:{lineno}"))
     return tuple(records)
+
+
+# What json.loads raises besides JSONDecodeError: ValueError for an integer of more
+# than 4300 digits, RecursionError for deep nesting (UnicodeDecodeError is a ValueError).
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(getattr(err, "msg", err)).split())
 
 
 def load_user(user_dir: Path, *, allow_empty: bool = False) -> UserData:
@@ -192,12 +206,35 @@ def load_population(root: Path) -> Population:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         users = tuple(PopulationEntry(**entry) for entry in raw["users"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataFormatError(f"{path}: not a valid population manifest ({err})") from None
+    except (*_JSON_ERRORS, KeyError, TypeError) as err:
+        raise DataFormatError(f"{path}: not a valid population manifest "
+                              f"({_reason(err)})") from None
     for entry in users:
-        if entry.role not in ROLES:
-            raise DataFormatError(f"{path}: user {entry.user_id} has unknown role {entry.role!r}")
-    return Population(root=root, users=users, meta=raw.get("meta", {}))
+        _check_entry(entry, path)
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{path}: 'meta' must be a JSON object")
+    return Population(root=root, users=users, meta=meta)
+
+
+def _check_entry(entry: PopulationEntry, path: Path) -> None:
+    # user_id becomes a directory name: the pattern keeps it inside users/ (no "..", no "/")
+    if not isinstance(entry.user_id, str) or not USER_ID_PATTERN.match(entry.user_id):
+        raise DataFormatError(f"{path}: user_id {entry.user_id!r} is not a string of letters, "
+                              "digits, '.', '_' or '-'")
+    if entry.role not in ROLES:
+        raise DataFormatError(f"{path}: user {entry.user_id} has unknown role {entry.role!r}")
+    if entry.persona is not None and (not isinstance(entry.persona, str) or not entry.persona):
+        raise DataFormatError(f"{path}: user {entry.user_id}: 'persona' must be a non-empty "
+                              "string or null")
+    for name in ("num_train", "num_test"):
+        count = getattr(entry, name)
+        if type(count) is not int or count < 0:
+            raise DataFormatError(f"{path}: user {entry.user_id}: {name!r} must be an integer "
+                                  f">= 0, got {count!r}")
+    if not isinstance(entry.attributes, dict):
+        raise DataFormatError(f"{path}: user {entry.user_id}: 'attributes' must be a JSON "
+                              "object")
 
 
 # -- writing ------------------------------------------------------------------------------
