@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("settings", nargs="*", metavar="key=value",
                           help="overrides of [tool.flwr.app.config], e.g. num-rounds=3")
 
+    bench = commands.add_parser(
+        "bench", help="performance ratios measured side by side (DP, framework, "
+        "orchestration, communication, scale, GPU)")
+    bench.add_argument("names", nargs="+", metavar="name",
+                       help="all, dp, framework, orchestration, communication, scale, gpu; "
+                       "then optional key=value run settings")
+    bench.add_argument("--out", type=Path, default=Path("bench"),
+                       help="folder for bench.json, bench.md and the runs (default ./bench)")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer repeats and smaller runs (a smoke test, not a measurement)")
+
     compare = commands.add_parser("compare", help="several simulations side by side")
     compare.add_argument("--out", required=True, type=Path)
     compare.add_argument("--variant", action="append", required=True, dest="variants",
@@ -206,7 +217,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _audit(args)
     if args.command == "deploy":
         return _deploy(args)
+    if args.command == "bench":
+        return _bench(args)
     raise UserFacingError(f"unknown command {args.command}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from simulations.bench import BENCHES, run_bench_command
+
+    names = [n for n in args.names if "=" not in n]
+    settings = [n for n in args.names if "=" in n]
+    unknown = sorted(set(names) - {"all", *BENCHES})
+    if unknown or not names:
+        raise UserFacingError(f"unknown benchmark {', '.join(unknown) or '(none given)'}; "
+                              f"choose from all, {', '.join(BENCHES)}")
+    return run_bench_command(names, args.out, settings, quick=args.quick)
 
 
 def _deploy(args: argparse.Namespace) -> int:
