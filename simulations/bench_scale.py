@@ -26,8 +26,7 @@ SIZES = (100, 300, 1000)
 QUICK_SIZES = (10, 20)
 PERSONAS = ("p0", "p1", "p2", "p3")
 MEMORY_TARGET = "<= 1.15"
-_WORDS = ("now is the winter of our discontent made glorious summer by this sun of york "
-          "and all the clouds that lowered upon our house").split()
+_WORDS = ["now", "is", "the", "winter", "of", "our", "discontent", "made", "glorious", "summer", "by", "this", "sun", "of", "york", "and", "all", "the", "clouds", "that", "lowered", "upon", "our", "house"]
 
 
 def synthetic_population(out: Path, num_users: int) -> Population:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from helpers import initial_server_state, instruction, node_context, round_message, small_config
+from helpers import (
+    initial_server_state,
+    instruction,
+    node_context,
+    round_message,
+    small_config,
+)
 
 from client.client_app import train
 from server.strategy import parse_reply, sent_part, train_content
