@@ -18,10 +18,10 @@ class UserFacingError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from shared.adapters import AdapterFormatError
     from shared.config import ConfigError
     from shared.model import ModelNotFoundError
     from shared.shakespeare import CorpusNotFoundError
-    from shared.adapters import AdapterFormatError
     from shared.userdata import DataFormatError
     from simulations.audit_plant import AuditSetupError
     from simulations.deploy import DeployError
@@ -354,7 +354,10 @@ def _data(args: argparse.Namespace) -> int:
     from shared.tables import markdown_table
 
     if args.source == "shakespeare":
-        from shared.shakespeare import settings_from_config, write_shakespeare_population
+        from shared.shakespeare import (
+            settings_from_config,
+            write_shakespeare_population,
+        )
 
         cfg = RunConfig.from_mapping(parse_overrides(args.settings))
         population = write_shakespeare_population(
