@@ -139,6 +139,26 @@ def render_markdown(report: Mapping[str, Any]) -> str:
          "train loss (DP)": r["train_loss"], "update norm": r["update_norm"],
          "seconds": r["seconds"]}
         for r in report["rounds"]]), ""]
-    if report.get("rejected_updates"):
-        lines += ["## Rejected updates", "", markdown_table(report["rejected_updates"]), ""]
+    lines += robustness_lines(cfg, report.get("rejected_updates", []))
     return "\n".join(lines)
+
+
+def robustness_lines(cfg: Mapping[str, Any], rejected: list[Mapping[str, Any]]) -> list[str]:
+    """Fault injection and robust aggregation when on, and every rejected update: round,
+    user, reason."""
+    lines = []
+    if cfg.get("fault-fraction"):
+        note = (f"Fault injection (simulation): fault-fraction {cfg['fault-fraction']:g} "
+                f"of the users misbehave on purpose ({cfg['fault-kinds']}).")
+        lines += ["", note, ""]
+    if cfg.get("aggregation", "mean") != "mean" or cfg.get("clip-update-norm"):
+        clip = cfg.get("clip-update-norm")
+        lines += ["", "Robust aggregation: "
+                  + (f"each update's change clipped to L2 norm {clip:g}; " if clip else "")
+                  + (f"coordinate-wise trimmed mean, {cfg['trim-fraction']:g} dropped at each "
+                     "end" if cfg.get("aggregation") == "trimmed-mean"
+                     else "example-weighted mean") + ".", ""]
+    if rejected:
+        lines += ["## Rejected updates", "",
+                  markdown_table(rejected, columns=["round", "client", "reason"]), ""]
+    return lines

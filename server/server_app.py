@@ -30,7 +30,7 @@ from shared.metrics import TokenStats
 from shared.personas import adjusted_rand_index, cluster_names, contingency, perturbed_copies
 from shared.model import cache_root
 from shared.runtime import get_runtime
-from shared.validation import UpdateRejected
+from shared.validation import UpdateRejected, error_summary
 from shared.wire import EVAL_LEVELS, KEY_CONFIG, KEY_METRICS, KEY_ROUND, round_record, \
     run_config_record
 
@@ -121,7 +121,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             if reply.has_error() and node not in chosen:
                 # The SuperLink answers for a node that went away (e.g. "Node Unavailable");
                 # the node is named below, among those without a valid reply.
-                errors.append(reply.error.reason)
+                errors.append(error_summary(reply.error.reason))
                 continue
             answered.add(node)
             try:

@@ -22,7 +22,13 @@ from shared.central_dp import GLOBAL, PERSONA_PREFIX, private_round, secret_gene
 from shared.config import RunConfig
 from shared.records import checked_record_to_state, record_spec, state_to_record
 from shared.robust import robust_hierarchical_mean
-from shared.validation import UpdateRejected, check_spec, check_values, shown_name
+from shared.validation import (
+    UpdateRejected,
+    check_spec,
+    check_values,
+    error_summary,
+    shown_name,
+)
 from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 ALLOWED_REPLY_KEYS = {KEY_GLOBAL, KEY_PERSONA, KEY_METRICS}
@@ -105,9 +111,7 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
     DP-released tensors only). Raises :class:`UpdateRejected` naming the problem.
     """
     if reply.has_error():
-        # one line (Flower's reasons hold newlines) and bounded: the reason is the client's
-        reason = " ".join(str(reply.error.reason).split())
-        raise UpdateRejected(f"client error: {reason[:300]}")
+        raise UpdateRejected(f"client error: {error_summary(reply.error.reason)}")
     content = reply.content
     unknown = set(content.keys()) - ALLOWED_REPLY_KEYS
     if unknown:

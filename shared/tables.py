@@ -22,4 +22,5 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    # a cell may quote a client (a rejection reason): a "|" or newline would break the table
+    return " ".join(str(value).split()).replace("|", "\\|")

@@ -7,6 +7,7 @@ with the reason. A rejected update is logged and dropped; the round goes on.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import torch
@@ -37,6 +38,22 @@ def check_spec(spec: Mapping[str, tuple[str, tuple[int, ...]]],
         if tuple(shape) != tuple(expected[key]):
             raise UpdateRejected(f"{what}: {key} has shape {tuple(shape)}, "
                                  f"expected {tuple(expected[key])}")
+
+
+def error_summary(reason: str, limit: int = 300) -> str:
+    """A client's error reason as one bounded log line: colour codes dropped and, for a
+    traceback (Flower's simulation sends Ray's), its last line, where the message is."""
+    lines = [line.strip() for line in _ANSI.sub("", str(reason)).splitlines() if line.strip()]
+    if not lines:
+        return "(no reason given)"
+    text = lines[-1]
+    if len(lines) > 1 and lines[0].startswith("<class ") and text.endswith("'>"):
+        text = text[:-2]  # the close of Flower's "<class ...>:<'...'>" wrapper
+    text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def shown_name(name: str) -> str:
