@@ -44,8 +44,10 @@ def timing_mod(msg, context, call_next):
 
 
 def bench_config(cfg: RunConfig, out: Path, *, quick: bool, **changes) -> RunConfig:
-    """The run's settings for two rounds (the default rounds are alike) in ``out``."""
-    rounds = {"num_rounds": 2}
+    """The run's per-round settings (clients per round, local and user steps, DP) for two
+    rounds (the default rounds are alike) over 8 users, so that every user trains each
+    round and the final evaluation stays short, in ``out``."""
+    rounds = {"num_rounds": 2, "max_users": cfg.clients_per_round}
     if quick:
         rounds.update(max_users=4, clients_per_round=4)
     return cfg.replace(**{**rounds, **changes, "run_dir": str(out)})
