@@ -27,7 +27,7 @@ from helpers import (
 from client import client_app
 from client.client_app import train
 from client.replay import ReplayError, content_digest, unpack
-from client.store import DeviceStore
+from client.store import STATE_DIR, DeviceStore, device_secret
 from client.wire_log import WIRE_LOG, read_wire_log
 from server.checkpoint import load_checkpoint, states_equal
 from shared import atomic
@@ -159,7 +159,10 @@ def test_a_kill_between_keeping_the_reply_and_saving_the_user_adapter_is_complet
     # Assert: replayed, and the user adapter is the one that round trained
     assert _files(store.ledger_path) == ledger
     kept = load_adapter_state(store.user_adapter_path)
-    reference = small_config(tmp_path / "ref")  # the same round, uninterrupted
+    reference = small_config(tmp_path / "ref")  # the same round, uninterrupted, same device
+    device_secret(_store(reference).user_dir)  # (creates the directories)
+    (_store(reference).user_dir / STATE_DIR / "device-secret").write_bytes(
+        device_secret(store.user_dir))
     ref_reply = train(_message(reference), node_context(0))
     assert states_equal(kept, _store(reference).load_user_adapter())
     assert _arrays(reply) == _arrays(ref_reply)
