@@ -63,23 +63,33 @@ def encode_records(records: Sequence[Record], tokenizer, seq_len: int) -> Encode
     return EncodedRecords(input_ids, attention, labels)
 
 
+def _next_token_nll(model, batch: EncodedRecords) -> tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor, torch.Tensor]:
+    """Per-token NLL ``(B, T-1)`` (0 where no loss is taken), its mask, the targets and the
+    logits ``(B, T-1, V)``."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.input_ids.to(device),
+                   attention_mask=batch.attention_mask.to(device)).logits[:, :-1]  # (B, T-1, V)
+    targets = batch.labels[:, 1:].to(device)  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    # flat (B*(T-1), V) rows: ~10% faster on CPU than cross-entropy over a transposed view
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                          targets.clamp(min=0).reshape(-1), reduction="none")
+    return nll.view(targets.shape) * mask, mask, targets, logits
+
+
 def token_losses(model, batch: EncodedRecords) -> tuple[torch.Tensor, torch.Tensor,
                                                         torch.Tensor]:
     """Per-token NLL ``(B, T-1)``, its mask and the argmax hits, for next-token prediction."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch.input_ids.to(device),
-                   attention_mask=batch.attention_mask.to(device)).logits  # (B, T, V)
-    targets = batch.labels[:, 1:].to(device)  # (B, T-1)
-    logits = logits[:, :-1].float()
-    mask = targets != IGNORE_INDEX
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    nll, mask, targets, logits = _next_token_nll(model, batch)
     hits = (logits.argmax(dim=-1) == targets) & mask
-    return nll * mask, mask, hits
+    return nll, mask, hits
 
 
 def per_record_loss(model, batch: EncodedRecords) -> torch.Tensor:
-    """``(B,)``: mean NLL over each record's own predicted tokens."""
-    nll, mask, _ = token_losses(model, batch)
+    """``(B,)``: mean NLL over each record's own predicted tokens (no argmax: training
+    does not need the hits)."""
+    nll, mask, _, _ = _next_token_nll(model, batch)
     return nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 

@@ -106,6 +106,8 @@ def reset_peak_memory() -> None:
 # -- the table and the files ------------------------------------------------------------------
 
 def _fmt(value: float) -> str:
+    if abs(value) < 0.1:
+        return f"{value:.4f}"  # e.g. a share of the model's bytes
     return f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
 
 
