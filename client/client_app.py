@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from client.discovery import choose_cluster, cluster_states
 from client.faults import inject_faults
 from client.node import resolve_user
-from client.replay import Replay, content_digest
+from client.replay import NOT_TRAINING_INPUTS, Replay, content_digest
 from client.secagg import secagg_mod
 from client.store import DeviceStore, device_secret
 from client.trainer import (
@@ -91,8 +91,12 @@ def train(msg: Message, context: Context) -> Message:
                         "epsilon": ledger.epsilon})
         return Message(RecordDict({KEY_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    generator = torch.Generator().manual_seed(_seed(cfg, int(info["server-round"]), user,
-                                                    secret=device_secret(user_dir)))
+    # Fresh draws for every distinct question: the same draws for two different
+    # instructions would let their difference cancel the noise. (An identical question
+    # was answered above by the replay.)
+    inputs = content_digest(msg.content, config_ignore=NOT_TRAINING_INPUTS)
+    generator = torch.Generator().manual_seed(_seed(
+        cfg, int(info["server-round"]), user, secret=device_secret(user_dir) + inputs.encode()))
     _load_levels(runtime, msg.content, persona_index, store)
     if clusters:
         persona_index = (_seed(cfg, -1, user) % len(clusters) if random_start else

@@ -38,6 +38,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.torch import save
 
+from shared.wire import KEY_CONFIG
+
 FORMAT = "fedpersona-replay-1"
 
 
@@ -53,8 +55,25 @@ class Replay:
     user_state: dict[str, torch.Tensor] | None  # the user adapter after that round
 
 
-def content_digest(content: RecordDict) -> str:
-    """SHA-256 of a RecordDict's names, kinds and values (array bytes included).
+# Flower's SecAgg+ keys, ciphertexts and peer ids: fresh in every protocol run, and not
+# an input of the training (the mod masks the handler's reply after it is computed).
+SECAGG_RECORD = "secaggplus_configs"
+
+# Run settings that do not enter what a device computes for a train reply: where the
+# run lives, which users a simulation runs, and what the server does with the replies.
+# Two instructions that differ only in these get the same output from the same draws.
+NOT_TRAINING_INPUTS = frozenset({
+    "run-dir", "data-dir", "max-users", "cold-start-plays", "cold-start-fraction",
+    "num-rounds", "clients-per-round", "min-clients", "round-timeout", "eval-max-records",
+    "fault-fraction", "fault-kinds", "server-optimizer", "server-learning-rate",
+    "max-update-norm", "aggregation", "trim-fraction", "clip-update-norm", "central-dp",
+    "central-noise-multiplier", "clipping-norm", "central-delta", "central-min-clients"})
+
+
+def content_digest(content: RecordDict, *, config_ignore: frozenset[str] = frozenset()
+                   ) -> str:
+    """SHA-256 of a RecordDict's names, kinds and values (array bytes included), without
+    the SecAgg+ protocol record and without the ``config`` record's ``config_ignore`` keys.
 
     Records are taken in name order, array entries in record order, config and
     metric entries in key order with their types; every header is JSON and every
@@ -62,6 +81,8 @@ def content_digest(content: RecordDict) -> str:
     concatenation."""
     digest = hashlib.sha256()
     for name in sorted(content):
+        if name == SECAGG_RECORD:
+            continue
         record = content[name]
         if isinstance(record, ArrayRecord):
             digest.update(json.dumps(["arrays", name, len(record)]).encode())
@@ -71,7 +92,8 @@ def content_digest(content: RecordDict) -> str:
                 digest.update(array.data)
         else:
             values = [[key, type(value).__name__, repr(value)]
-                      for key, value in sorted(record.items())]
+                      for key, value in sorted(record.items())
+                      if not (name == KEY_CONFIG and key in config_ignore)]
             digest.update(json.dumps([type(record).__name__, name, values]).encode())
     return digest.hexdigest()
 

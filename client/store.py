@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -26,7 +24,7 @@ from peft import LoraConfig
 
 from client.replay import Replay, ReplayError, pack, states_equal, unpack
 from shared.adapters import AdapterFormatError, State, load_adapter_state, save_adapter
-from shared.atomic import write_bytes_atomic, write_json_atomic
+from shared.atomic import secret_file, write_bytes_atomic, write_json_atomic
 from shared.privacy import PrivacyLedger
 
 STATE_DIR = ".fedpersona"
@@ -48,26 +46,7 @@ def device_secret(user_dir: Path) -> bytes:
     resumed server gets the same reply) while nobody else can. A missing or torn
     secret is replaced by a fresh one: new randomness costs no privacy.
     """
-    path = Path(user_dir) / STATE_DIR / "device-secret"
-    if path.is_file():
-        secret = path.read_bytes()
-        if len(secret) == SECRET_BYTES:
-            return secret
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".device-secret.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:  # mkstemp makes it 0600
-            fh.write(os.urandom(SECRET_BYTES))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # never replaces: a concurrent first use keeps one secret
-        except FileExistsError:
-            pass
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path.read_bytes()
+    return secret_file(Path(user_dir) / STATE_DIR / "device-secret", SECRET_BYTES)
 
 
 class DeviceStore:

@@ -32,6 +32,7 @@ from opacus.utils.fast_gradient_clipping_utils import (
 )
 
 from shared.adapters import RELEASED_LEVELS, activate, level_state
+from shared.config import GRAD_SAMPLE_MODES
 from shared.lm import EncodedRecords, per_record_loss
 from shared.privacy import HistoryEntry
 
@@ -65,7 +66,6 @@ def poisson_batch(num_records: int, rate: float, generator: torch.Generator) -> 
     return torch.nonzero(torch.rand(num_records, generator=generator) < rate).flatten()
 
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 
 class ReleasedOptimizer:

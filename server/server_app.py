@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,17 +23,29 @@ from server.strategy import (
     sent_part,
     train_content,
 )
+from shared.adapters import is_trainable_key
+from shared.atomic import secret_file
 from shared.central_dp import CentralLedger, plan_levels
 from shared.config import RunConfig, expand_path
 from shared.federation import load_run_population, training_users
-from shared.adapters import is_trainable_key
 from shared.metrics import TokenStats
-from shared.personas import adjusted_rand_index, cluster_names, contingency, perturbed_copies
 from shared.model import cache_root
+from shared.personas import (
+    adjusted_rand_index,
+    cluster_names,
+    contingency,
+    perturbed_copies,
+)
 from shared.runtime import get_runtime
 from shared.validation import UpdateRejected, error_summary
-from shared.wire import EVAL_LEVELS, KEY_CONFIG, KEY_METRICS, KEY_ROUND, round_record, \
-    run_config_record
+from shared.wire import (
+    EVAL_LEVELS,
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_ROUND,
+    round_record,
+    run_config_record,
+)
 
 log = logging.getLogger("fedpersona.server")
 NODE_WAIT_SECONDS = 120.0
@@ -90,6 +103,15 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                           if merged else ()):
         progress(f"user-level DP: persona {persona} {note}")
     trained = tuple(p for p in personas if p not in merged)  # merged: global-only training
+    sampling_seed = cfg.seed
+    if cfg.central_dp:
+        planned = min(cfg.clients_per_round, state.central_dp.population)
+        if abs(planned / state.central_dp.population - state.central_dp.sample_rate) > 1e-12:
+            raise RuntimeError(f"{run_dir} was planned for user-level DP at q = "
+                               f"{state.central_dp.sample_rate:.4g}; clients-per-round = "
+                               f"{cfg.clients_per_round} would change it")
+        secret = secret_file(run_dir / "server-secret")
+        sampling_seed = int.from_bytes(hashlib.sha256(secret).digest()[:4], "big") >> 1
 
     def persona_of(node: int) -> str | None:
         persona = node_info[node]["persona"]
@@ -98,7 +120,11 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     for server_round in range(state.round + 1, cfg.num_rounds + 1):
         t0 = time.monotonic()
         online = refresh_nodes(grid, node_info, user_name, users, cfg, personas)
-        chosen = sample_nodes(online, cfg.clients_per_round, seed=cfg.seed,
+        # Under central DP the sample must be secret (amplification by subsampling is
+        # what the account credits) and drawn from the planned population, online or
+        # not (a chosen node that is away simply does not reply), so that q = k / N.
+        pool = sorted(node_info) if cfg.central_dp else online
+        chosen = sample_nodes(pool, cfg.clients_per_round, seed=sampling_seed,
                               server_round=server_round, key=user_name.get)
         messages = []
         discovering = bool(k) and server_round > cfg.discovery_warmup

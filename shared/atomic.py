@@ -30,6 +30,32 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def secret_file(path: Path, nbytes: int = 32) -> bytes:
+    """``nbytes`` random bytes kept at ``path`` (mode 0600), made on first use and never
+    replaced while whole: a concurrent first use keeps one secret. A torn one (wrong
+    length) is replaced by a fresh one."""
+    path = Path(path)
+    if path.is_file():
+        secret = path.read_bytes()
+        if len(secret) == nbytes:
+            return secret
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:  # mkstemp makes it 0600
+            fh.write(os.urandom(nbytes))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # never replaces an existing secret
+        except FileExistsError:
+            pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path.read_bytes()
+
+
 def json_safe(value: Any) -> Any:
     """NaN and Inf are not JSON: they become null (recursively)."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -21,7 +21,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 DTYPES = ("float32", "bfloat16")
 # bfloat16 is not among them: Flower's Array goes through numpy, which has no bfloat16
 TRANSPORT_DTYPES = ("float32", "float16")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")  # client.trainer checks the same names
+GRAD_SAMPLE_MODES = ("hooks", "ghost")  # Opacus per-record clipping (client.trainer)
 AGGREGATIONS = ("mean", "trimmed-mean")  # shared.robust implements them
 FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # client.faults injects them
 

@@ -328,3 +328,10 @@ def test_simulation_reports_per_level_epsilons(tmp_path):
     assert states_equal(load_checkpoint(tmp_path / "run").persona_states["b"], initial)
     assert load_checkpoint(tmp_path / "run").central_dp.releases == {GLOBAL: 2,
                                                                      level_name("a"): 2}
+    # the sample came from a secret kept with the run, never from the public seed
+    secret = tmp_path / "run" / "server-secret"
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
+    # a resume that would change q is refused (and the checkpoint is left as it was)
+    with pytest.raises(RuntimeError, match="would change it"):
+        simulate(cfg.replace(num_rounds=3, clients_per_round=2), final_evaluation=False)
+    assert load_checkpoint(tmp_path / "run").round == 2

@@ -260,9 +260,40 @@ def test_dp_noise_is_not_reproducible_from_public_values(tmp_path):
     cfg_two = small_config(tmp_path / "two", run_dir=cfg.run_dir)
     state = initial_server_state(cfg)
 
-    replies = [train(round_message(c, state, "a", "train"), node_context(0))
-               for c in (cfg, cfg, cfg_two)]
+    replies = []
+    for c in (cfg, cfg, cfg_two):
+        # no replay: each call trains (the second one from the same secret and question)
+        for replay in (tmp_path / "one" / "pop").rglob("replay*"):
+            replay.unlink()
+        replies.append(train(round_message(c, state, "a", "train"), node_context(0)))
 
     first, again, other = (record_to_state(r.content[KEY_GLOBAL]) for r in replies)
     assert all(torch.equal(first[k], again[k]) for k in first)  # a device reproduces itself
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_training_draws_depend_on_every_training_input_and_nothing_else(tmp_path):
+    """Same secret, same round, a different question (here: the learning rate) gives other
+    draws, so two releases never share their noise; where the run lives does not."""
+    from helpers import initial_server_state, round_message, small_config
+
+    from client.replay import NOT_TRAINING_INPUTS, SECAGG_RECORD, content_digest
+    from shared.config import RunConfig
+
+    assert NOT_TRAINING_INPUTS <= set(RunConfig().to_flower())
+    cfg = small_config(tmp_path)
+    state = initial_server_state(cfg)
+
+    def digest(c):
+        return content_digest(round_message(c, state, "a", "train").content,
+                              config_ignore=NOT_TRAINING_INPUTS)
+
+    assert digest(cfg) == digest(cfg.replace(run_dir=str(tmp_path / "elsewhere")))
+    assert digest(cfg) != digest(cfg.replace(learning_rate=cfg.learning_rate * 2))
+    assert digest(cfg) != content_digest(round_message(cfg, state, None, "train").content,
+                                         config_ignore=NOT_TRAINING_INPUTS)
+    message = round_message(cfg, state, "a", "train")
+    before = content_digest(message.content)
+    from flwr.app import ConfigRecord
+    message.content[SECAGG_RECORD] = ConfigRecord({"stage": "setup"})
+    assert content_digest(message.content) == before  # protocol state is not a question

@@ -16,7 +16,13 @@ from flwr.app import (
 from helpers import instruction
 
 from server.checkpoint import ServerState
-from server.strategy import apply_round, parse_reply, sample_nodes, sent_part, train_content
+from server.strategy import (
+    apply_round,
+    parse_reply,
+    sample_nodes,
+    sent_part,
+    train_content,
+)
 from shared.aggregation import ClientUpdate
 from shared.config import RunConfig
 from shared.validation import UpdateRejected
@@ -271,3 +277,12 @@ def test_sample_nodes_by_user_key_survives_new_node_ids():
     again = sample_nodes(after, 2, seed=1, server_round=3, key=after.get)
 
     assert sorted(before[n] for n in first) == sorted(after[n] for n in again)
+
+
+def test_the_sample_depends_on_the_seed_it_is_given():
+    """Under central DP the server passes a secret-derived seed; the draw follows it."""
+    nodes = list(range(100))
+    draws = {tuple(sample_nodes(nodes, 10, seed=s, server_round=1)) for s in range(5)}
+    assert len(draws) == 5
+    assert sample_nodes(nodes, 10, seed=3, server_round=1) == sample_nodes(
+        nodes, 10, seed=3, server_round=1)
