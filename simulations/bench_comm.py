@@ -56,5 +56,5 @@ def run(cfg: RunConfig, out: Path, *, quick: bool = False) -> dict:
             rows.append(Row("communication", f"perplexity ({level}), float16 / float32 transport",
                             {"min": ratio, "median": ratio, "max": ratio}, "", None,
                             f"{_ppl(arms['float16']['report'], level):.2f} vs "
-                            f"{_ppl(arms['float32']['report'], level):.2f}, same seeds"))
+                            f"{_ppl(arms['float32']['report'], level):.2f}; independent DP draws"))
     return {"rows": rows, "raw": {"model_bytes": size, "per_client": traffic}}
