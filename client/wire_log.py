@@ -15,7 +15,6 @@ wire`` (:mod:`shared.wire_check`) holds it to what may leave.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
 from client.node import resolve_user
 from client.store import DeviceStore
+from shared.records import npy_header
 from shared.wire import KEY_CONFIG, KEY_ROUND, read_run_config
 from shared.wire_check import (
     SECAGG_MASKED,
@@ -142,18 +142,12 @@ def _describe_value(value: object, *, arrays: bool) -> dict:
 def _array_header(data: bytes) -> dict | None:
     """dtype, shape, header and payload bytes of an ``np.save`` blob (None: not one).
     Only the header is parsed; the payload size lets the audit see trailing bytes."""
-    buffer = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buffer)
-        read = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read is None:
-            return None
-        shape, _, dtype = read(buffer)
-    except (ValueError, OSError, SyntaxError):
+        dtype, shape, header_bytes = npy_header(data)
+    except ValueError:
         return None
-    return {"dtype": str(dtype), "shape": list(shape), "header_bytes": buffer.tell(),
-            "data_bytes": len(data) - buffer.tell()}
+    return {"dtype": dtype, "shape": list(shape), "header_bytes": header_bytes,
+            "data_bytes": len(data) - header_bytes}
 
 
 def _private_tensors(store: DeviceStore) -> list[torch.Tensor]:

@@ -44,15 +44,11 @@ def checked_record_to_state(record: ArrayRecord, *, what: str) -> dict[str, torc
     state = {}
     for key, array in record.items():
         header = (array.dtype, tuple(array.shape))
-        buffer = io.BytesIO(array.data)
         try:
             if array.stype != "numpy.ndarray":
                 raise ValueError(f"serialisation {array.stype!r}")
-            read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(buffer))
-            if read_header is None:
-                raise ValueError("unsupported .npy version")
-            shape, _, dtype = read_header(buffer)
-            if (str(dtype), tuple(shape)) != header:
+            dtype, shape, _ = npy_header(array.data)
+            if (dtype, shape) != header:
                 raise ValueError(f"data is {dtype} {tuple(shape)}, header says "
                                  f"{header[0]} {header[1]}")
             data = np.load(io.BytesIO(array.data), allow_pickle=False)
@@ -65,3 +61,17 @@ def checked_record_to_state(record: ArrayRecord, *, what: str) -> dict[str, torc
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def npy_header(data: bytes) -> tuple[str, tuple[int, ...], int]:
+    """``(dtype, shape, header bytes)`` of an ``np.save`` blob, read without its payload;
+    :class:`ValueError` for anything that is not a version 1 or 2 ``.npy`` header."""
+    buffer = io.BytesIO(data)
+    try:
+        read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(buffer))
+        if read_header is None:
+            raise ValueError("unsupported .npy version")
+        shape, _, dtype = read_header(buffer)
+    except (OSError, EOFError, SyntaxError) as err:
+        raise ValueError(str(err)) from None
+    return str(dtype), tuple(shape), buffer.tell()
