@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -185,14 +187,14 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         (secure.apply if secure else apply_round)(
             state, [u for _, u in sorted(accepted, key=lambda pair: pair[0])], cfg)
         state.round = server_round
-        state.rejected.extend(rejected)
+        state.rejected.extend(sorted(rejected, key=lambda r: str(r["client"])))
         state.history.append({
             "round": server_round, "clients": len(chosen), "accepted": len(accepted),
             # whose DP update counted (the ledger audit checks no device undercounts them)
             "trained_users": sorted(u for u, _ in accepted),
             "declined": declined, "rejected": len(rejected),
             "train_loss": weighted_loss(losses),
-            "update_norm": sum(norms) / len(norms) if norms else float("nan"),
+            "update_norm": statistics.fmean(norms) if norms else float("nan"),
             **({"private_choices": sum(private_choices),
                 "clusters_chosen": len(private_choices)} if discovering else {}),
             **(secure.history() if secure else {}),
@@ -287,9 +289,14 @@ def discovery_report(state: ServerState, truth: dict[str, str], cfg: RunConfig) 
 
 
 def weighted_loss(losses: list[tuple[float, int]]) -> float:
-    """Example-weighted mean of the clients' (DP-noised) train losses."""
+    """Example-weighted mean of the clients' (DP-noised) train losses.
+
+    ``math.fsum`` (like ``statistics.fmean`` for the update norm) rounds once, so
+    the mean does not depend on the order the replies arrived in: a resumed run's
+    history matches an uninterrupted one's to the last bit.
+    """
     total = sum(n for _, n in losses)
-    return sum(v * n for v, n in losses) / total if total else float("nan")
+    return math.fsum(v * n for v, n in losses) / total if total else float("nan")
 
 
 def _timeout(cfg: RunConfig) -> float | None:
