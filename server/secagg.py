@@ -222,12 +222,14 @@ class SecureRound:
         global_change, slots = unpack(self.mean, self.expected, len(self.personas))
         weights = self._weights()
         total = sum(weights.values())
-        global_mean = _plus(sent_part(state.global_state, cfg.lora_scheme), global_change, 1.0)
+        global_mean = _plus(sent_part(state.global_state, cfg.lora_scheme, cfg.transport_dtype),
+                            global_change, 1.0)
         groups = []  # one pseudo-update per group, whose states are the group's means
         for slot, examples in self._examples().items():
             persona = self._persona_name(slot)
             persona_mean = {} if slot < 0 else _plus(
-                sent_part(state.persona_states[persona], cfg.lora_scheme), slots[slot],
+                sent_part(state.persona_states[persona], cfg.lora_scheme, cfg.transport_dtype),
+                slots[slot],
                 total / weights[slot])
             groups.append(ClientUpdate(global_state=global_mean, persona=persona,
                                        persona_state=persona_mean, num_examples=examples))

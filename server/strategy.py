@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from flwr.app import Message, RecordDict
 
 from server.checkpoint import ServerState
@@ -52,9 +53,19 @@ def sample_nodes(node_ids: Iterable[int], k: int, *, seed: int, server_round: in
     return sorted(random.Random(seed * 100_003 + server_round).sample(nodes, min(k, len(nodes))))
 
 
-def sent_part(state: State, scheme: str) -> State:
-    """What travels: B only under FFA (A is public, derived from the seed)."""
-    return {k: v for k, v in state.items() if is_trainable_key(k, scheme)}
+def sent_part(state: State, scheme: str, dtype: str = "float32") -> State:
+    """What travels: B only under FFA (A is public, derived from the seed), as the
+    client receives it: rounded through the transport ``dtype`` and back to float32.
+
+    Every change the server takes (norm checks, means, FedAdam's pseudo-gradient) is
+    against this, so a float16 run measures the client's training, not the rounding,
+    and the plain and SecAgg+ paths (whose clients send changes) agree.
+    """
+    part = {k: v for k, v in state.items() if is_trainable_key(k, scheme)}
+    if dtype == "float32":
+        return part
+    wire = getattr(torch, dtype)
+    return {k: v.to(wire).to(v.dtype) for k, v in part.items()}
 
 
 def train_content(state: ServerState, persona: str | None, scheme: str,
@@ -134,7 +145,7 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
     bound = max_update_norm or None
     metrics["update-norm"] = check_values(
         global_state, what="global adapter", max_delta_norm=bound,
-        reference=sent_part(current.global_state, scheme) if current else None)
+        reference=sent_part(current.global_state, scheme, dtype) if current else None)
     persona_state: State = {}
     if persona is not None:
         if KEY_PERSONA not in content.array_records:
@@ -144,7 +155,7 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
         persona_state = checked_record_to_state(content.array_records[KEY_PERSONA],
                                                 what=f"persona {persona} adapter")
         check_values(persona_state, what=f"persona {persona} adapter", max_delta_norm=bound,
-                     reference=(sent_part(current.persona_states[persona], scheme)
+                     reference=(sent_part(current.persona_states[persona], scheme, dtype)
                                 if current else None))
     elif KEY_PERSONA in content.array_records:
         raise UpdateRejected("reply carries a persona adapter but the client has no persona")
@@ -179,14 +190,15 @@ def robust_means(state: ServerState, updates: Sequence[ClientUpdate],
     """:func:`shared.robust.robust_hierarchical_mean` of the changes from what was sent
     (clipped to ``clip-update-norm``, then the mean or the trimmed mean)."""
     return robust_hierarchical_mean(
-        updates, sent_part(state.global_state, cfg.lora_scheme),
-        {p: sent_part(s, cfg.lora_scheme) for p, s in state.persona_states.items()},
+        updates, sent_part(state.global_state, cfg.lora_scheme, cfg.transport_dtype),
+        {p: sent_part(s, cfg.lora_scheme, cfg.transport_dtype)
+         for p, s in state.persona_states.items()},
         aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
         clip_norm=cfg.clip_update_norm)
 
 
 def _step(state: ServerState, name: str, current: State, mean: State, cfg: RunConfig) -> State:
-    sent = sent_part(current, cfg.lora_scheme)
+    sent = sent_part(current, cfg.lora_scheme, cfg.transport_dtype)
     if cfg.server_optimizer == "fedadam":
         new_part, state.optimizer[name] = fedadam_step(
             sent, mean, state.optimizer.get(name, FedAdamState()), lr=cfg.server_learning_rate)
@@ -205,7 +217,7 @@ def apply_private_round(state: ServerState, updates: Sequence[ClientUpdate], cfg
         raise RuntimeError("central-dp is on but the server state has no central-DP plan")
     sent = {name: sent_part(state.global_state if name == GLOBAL else
                             state.persona_states[name.removeprefix(PERSONA_PREFIX)],
-                            cfg.lora_scheme)
+                            cfg.lora_scheme, cfg.transport_dtype)
             for name in ledger.levels}
     targets = private_round(sent, updates, ledger, generator or secret_generator())
     ledger.record_release(sorted(targets))

@@ -14,7 +14,7 @@ from helpers import (
 )
 
 from client.client_app import train
-from server.strategy import parse_reply, sent_part, train_content
+from server.strategy import apply_round, parse_reply, sent_part, train_content
 from shared.records import record_bytes, record_to_state, state_to_record
 from shared.validation import UpdateRejected
 from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
@@ -74,3 +74,32 @@ def test_train_content_in_float16_is_half_the_float32_size(tmp_path):
     for name in (KEY_GLOBAL, KEY_PERSONA):
         values = sum(v.numel() for v in sent_part(state.global_state, "ffa").values())
         assert record_bytes(full[name]) - record_bytes(half[name]) == 2 * values > 0
+
+
+@pytest.mark.parametrize("server_optimizer", ["fedavg", "fedadam"])
+def test_a_client_that_returns_what_it_received_in_float16_changed_nothing(tmp_path,
+                                                                          server_optimizer):
+    # Arrange: server adapters float16 cannot hold; a client echoes its download back
+    cfg = small_config(tmp_path, transport_dtype="float16", server_optimizer=server_optimizer)
+    state = initial_server_state(cfg)
+    noise = torch.Generator().manual_seed(0)
+    state.global_state = {k: v + 1e-3 * torch.randn(v.shape, generator=noise)
+                          for k, v in state.global_state.items()}
+    sent = train_content(state, "a", cfg.lora_scheme, "float16")
+    expected = {k: tuple(v.shape) for k, v in sent_part(state.global_state, "ffa").items()}
+    echo = RecordDict({KEY_GLOBAL: sent[KEY_GLOBAL], KEY_PERSONA: sent[KEY_PERSONA],
+                       KEY_METRICS: MetricRecord({"num-examples": 3})})
+    received = record_to_state(sent[KEY_GLOBAL])
+    assert not all(torch.equal(received[k], state.global_state[k]) for k in received)
+
+    # Act
+    update, metrics = parse_reply(Message(echo, reply_to=instruction(RecordDict(),
+                                                                     MessageType.TRAIN)),
+                                  persona="a", expected=expected, current=state,
+                                  dtype="float16")
+    apply_round(state, [update], cfg)
+
+    # Assert: no change measured, and the server now holds exactly what the client had
+    # (the float32 reference used to count the rounding, ~1e-4 relative, as a change)
+    assert metrics["update-norm"] == 0.0
+    assert all(torch.equal(state.global_state[k], received[k]) for k in received)
