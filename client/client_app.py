@@ -24,7 +24,7 @@ from client.trainer import (
     private_mean_loss,
     sample_rate,
     train_released,
-    train_user,
+    train_user_checked,
 )
 from client.wire_log import record_wire
 from shared.adapters import RELEASED_LEVELS, activate, level_state, load_level
@@ -122,15 +122,19 @@ def train(msg: Message, context: Context) -> Message:
         reply[KEY_PERSONA] = state_to_record(
             level_state(runtime.model, "persona", scheme=cfg.lora_scheme),
             cfg.transport_dtype)
-    user_loss = train_user(runtime.model, data, steps=cfg.user_steps, batch_size=cfg.batch_size,
-                           lr=cfg.user_learning_rate, scheme=cfg.lora_scheme,
-                           generator=generator)
+    user_round = train_user_checked(
+        runtime.model, data, holdout_fraction=cfg.user_holdout_fraction, steps=cfg.user_steps,
+        batch_size=cfg.batch_size, lr=cfg.user_learning_rate, scheme=cfg.lora_scheme,
+        generator=generator)
     user_state = level_state(runtime.model, "user") if cfg.user_steps else None
     # Only public or accounted numbers leave: the per-step losses were computed on raw
     # batches (and the user loss without DP), so they stay in the device's log; the
     # reported train loss is the noisy release accounted above.
-    log.info("user %s round %s: DP-step loss %.4f, user loss %.4f", user.profile.user_id,
-             info["server-round"], result.train_loss, user_loss)
+    log.info("user %s round %s: DP-step loss %.4f, user loss %.4f%s", user.profile.user_id,
+             info["server-round"], result.train_loss, user_round.train_loss,
+             f", held-out loss {user_round.holdout_before:.4f} -> "
+             f"{user_round.holdout_after:.4f}, new user adapter "
+             f"{'kept' if user_round.kept else 'discarded'}" if user_round.checked else "")
     metrics.update({"steps": result.steps, "train-loss": train_loss,
                     "epsilon": ledger.epsilon if cfg.dp else -1.0})
     reply[KEY_METRICS] = MetricRecord(metrics)

@@ -60,9 +60,12 @@ class Replay:
 SECAGG_RECORD = "secaggplus_configs"
 
 # Run settings that do not enter what a device computes for a train reply: where the
-# run lives, which users a simulation runs, and what the server does with the replies.
-# Two instructions that differ only in these get the same output from the same draws.
+# run lives, which users a simulation runs, what the server does with the replies, and
+# the user adapter (trained after the reply is final, inactive in everything released).
+# Two instructions that differ only in these get the same output from the same draws;
+# so runs that compare user-adapter settings release identical shared adapters.
 NOT_TRAINING_INPUTS = frozenset({
+    "user-steps", "user-learning-rate", "user-holdout-fraction",
     "run-dir", "data-dir", "max-users", "cold-start-plays", "cold-start-fraction",
     "num-rounds", "clients-per-round", "min-clients", "round-timeout", "eval-max-records",
     "fault-fraction", "fault-kinds", "server-optimizer", "server-learning-rate",

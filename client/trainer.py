@@ -8,7 +8,9 @@ Privacy invariant (the order is the guarantee):
    these steps, so nothing non-private about the data enters them.
 2. The step is written to the privacy ledger before anything may leave.
 3. Only then does the user adapter train (without DP: it never leaves the device)
-   on top of the frozen released levels.
+   on top of the frozen released levels. It is kept only if it does not raise the
+   user's loss on held-out records of their own (:func:`train_user_checked`); the
+   check, like the adapter, stays on the device.
 
 Opacus registers its per-sample hooks on the modules whose parameters require
 grad at wrapping time. Wrapping before the trainable set is chosen (or after
@@ -20,6 +22,7 @@ got a per-sample gradient and that the adapters actually moved.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +34,9 @@ from opacus.utils.fast_gradient_clipping_utils import (
     GradSampleModuleFastGradientClipping,
 )
 
-from shared.adapters import RELEASED_LEVELS, activate, level_state
+from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import GRAD_SAMPLE_MODES
-from shared.lm import EncodedRecords, per_record_loss
+from shared.lm import EncodedRecords, evaluate_stats, per_record_loss, split_holdout
 from shared.privacy import HistoryEntry
 
 
@@ -219,6 +222,54 @@ def train_user(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: 
     model.eval()
     activate(model, RELEASED_LEVELS)  # leave the user level inactive by default
     return sum(losses) / len(losses)
+
+
+@dataclass(frozen=True)
+class UserRound:
+    """One round of the user adapter: its mean training loss and, when records were
+    held out, their loss (nats per token) with the previous and the new adapter."""
+    train_loss: float
+    holdout_before: float = float("nan")
+    holdout_after: float = float("nan")
+    kept: bool = True
+
+    @property
+    def checked(self) -> bool:
+        return math.isfinite(self.holdout_before) or math.isfinite(self.holdout_after)
+
+
+def train_user_checked(model, data: EncodedRecords, *, holdout_fraction: float, steps: int,
+                       batch_size: int, lr: float, scheme: str,
+                       generator: torch.Generator) -> UserRound:
+    """:func:`train_user` on all but the last ``holdout_fraction`` of ``data``; the new
+    adapter replaces the previous one only if the held-out records' loss does not rise.
+
+    Without the check one user's adapter reached a test perplexity of 799 in the
+    default real-model run (the macro mean with the shared levels alone was 160); with
+    it the device keeps whichever adapter fits its own unseen lines better, at the
+    cost of training on fewer of them. Below two records nothing can be held out and
+    every adapter is kept.
+    """
+    fit, holdout = split_holdout(data, holdout_fraction)
+    if steps == 0 or holdout is None:
+        return UserRound(train_user(model, data, steps=steps, batch_size=batch_size, lr=lr,
+                                    scheme=scheme, generator=generator))
+    previous = level_state(model, "user")
+    before = _holdout_loss(model, holdout)
+    loss = train_user(model, fit, steps=steps, batch_size=batch_size, lr=lr, scheme=scheme,
+                      generator=generator)
+    after = _holdout_loss(model, holdout)
+    kept = math.isfinite(after) and not after > before  # a NaN "before" loses to any number
+    if not kept:
+        load_level(model, "user", previous)
+    return UserRound(loss, before, after, kept)
+
+
+def _holdout_loss(model, holdout: EncodedRecords) -> float:
+    activate(model, LEVELS)
+    stats = evaluate_stats(model, holdout)
+    activate(model, RELEASED_LEVELS)  # as train_user leaves it
+    return stats.nll_sum / stats.tokens if stats.tokens else float("nan")
 
 
 def _noise_only_step(optimizer, params, dp: DPSettings, batch_size: int,

@@ -64,6 +64,9 @@ class RunConfig:
     seq_len: int = 64
     learning_rate: float = 0.02
     user_learning_rate: float = 0.002
+    # last share of a user's training records that decides, on the device, whether a
+    # newly trained user adapter is kept (it must not raise their loss); 0 keeps every one
+    user_holdout_fraction: float = 0.2
     # -- LoRA -----------------------------------------------------------------------
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -140,6 +143,9 @@ class RunConfig:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.user_holdout_fraction < 1.0:
+            raise ConfigError(f"user-holdout-fraction must be in [0, 1), got "
+                              f"{self.user_holdout_fraction}")
         if not 0.0 <= self.cold_start_fraction < 1.0:
             raise ConfigError(
                 f"cold-start-fraction must be in [0, 1), got {self.cold_start_fraction}")

@@ -63,6 +63,19 @@ def encode_records(records: Sequence[Record], tokenizer, seq_len: int) -> Encode
     return EncodedRecords(input_ids, attention, labels)
 
 
+def split_holdout(data: EncodedRecords,
+                  fraction: float) -> tuple[EncodedRecords, EncodedRecords | None]:
+    """``(fit, holdout)``: the last ``fraction`` of the records held out (rounded, at
+    least one, never all). The last ones, because a user's test records are the last
+    of their lines: the holdout then asks the same question as the test. ``holdout``
+    is ``None`` when ``fraction`` is 0 or there are fewer than two records."""
+    n = len(data)
+    held = min(max(round(n * fraction), 1), n - 1) if fraction > 0 else 0
+    if held <= 0:
+        return data, None
+    return data.select(torch.arange(n - held)), data.select(torch.arange(n - held, n))
+
+
 def _next_token_nll(model, batch: EncodedRecords) -> tuple[torch.Tensor, torch.Tensor,
                                                             torch.Tensor, torch.Tensor]:
     """Per-token NLL ``(B, T-1)`` (0 where no loss is taken), its mask, the targets and the

@@ -4,6 +4,7 @@ Message on the tiny model and a three-user population on disk."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -164,6 +165,30 @@ def test_zero_local_steps_is_rejected_or_handled(tmp_path):
     reply = _train(cfg)
 
     assert reply.content.metric_records[KEY_METRICS]["declined"] in (0, 1)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_the_user_adapter_is_checked_on_held_out_lines_and_the_check_stays_on_device(
+        tmp_path, caplog, fraction):
+    # Arrange
+    cfg = small_config(tmp_path, user_holdout_fraction=fraction, user_steps=3)
+
+    # Act
+    with caplog.at_level(logging.INFO, logger="fedpersona.client"):
+        reply = _train(cfg)
+
+    # Assert: the device logs the check; its outcome decides what is on disk
+    checks = [r.getMessage() for r in caplog.records if "held-out loss" in r.getMessage()]
+    assert len(checks) == (1 if fraction else 0)
+    kept = not checks or checks[0].endswith("new user adapter kept")
+    assert kept or checks[0].endswith("new user adapter discarded")
+    stored = DeviceStore(_user_dir(cfg), cfg.federation_key).load_user_adapter()
+    initial = get_runtime(cfg).initial["user"]
+    assert any(not torch.equal(stored[k], initial[k]) for k in initial) == kept
+    # nothing about the check is released
+    assert set(reply.content.metric_records[KEY_METRICS]) == {
+        "num-examples", "user-index", "dp", "declined", "persona-index", "steps",
+        "train-loss", "epsilon"}
 
 
 # -- query ----------------------------------------------------------------------------------

@@ -272,6 +272,32 @@ def test_dp_noise_is_not_reproducible_from_public_values(tmp_path):
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
+def test_user_adapter_settings_do_not_change_what_a_device_releases(tmp_path):
+    """The user adapter trains after the reply is final and is inactive in DP training:
+    its settings are no input of the reply, so the same draws give the same bytes (and
+    a comparison of user-adapter settings is paired at the shared levels)."""
+    from helpers import initial_server_state, node_context, round_message, small_config
+
+    from client.client_app import train
+    from shared.records import record_to_state
+    from shared.wire import KEY_GLOBAL, KEY_PERSONA
+
+    cfg = small_config(tmp_path)
+    state = initial_server_state(cfg)
+    replies = [train(round_message(c, state, "a", "train"), node_context(0))
+               for c in (cfg, cfg.replace(user_steps=4, user_learning_rate=0.05,
+                                          user_holdout_fraction=0.0))]
+
+    for key in (KEY_GLOBAL, KEY_PERSONA):
+        a, b = (record_to_state(r.content[key]) for r in replies)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = small_config(tmp_path).replace(learning_rate=cfg.learning_rate * 2)
+    other = record_to_state(train(round_message(changed, state, "a", "train"),
+                                  node_context(0)).content[KEY_GLOBAL])
+    first = record_to_state(replies[0].content[KEY_GLOBAL])
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_training_draws_depend_on_every_training_input_and_nothing_else(tmp_path):
     """Same secret, same round, a different question (here: the learning rate) gives other
     draws, so two releases never share their noise; where the run lives does not."""

@@ -19,9 +19,11 @@ from client.trainer import (
     sample_rate,
     train_released,
     train_user,
+    train_user_checked,
 )
 from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
-from shared.lm import encode_records, per_record_loss
+from shared.lm import encode_records, evaluate_stats, per_record_loss, split_holdout
+from shared.userdata import Record
 
 SEQ_LEN = 32
 DP = DPSettings(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
@@ -271,6 +273,87 @@ def test_train_user_with_zero_steps_is_a_no_op(model, data):
 
     assert loss != loss  # NaN
     assert all(_equal(before[level], state) for level, state in _states(model).items())
+
+
+# -- the user adapter's on-device holdout check ------------------------------------------------
+
+@pytest.mark.parametrize(("records", "fraction", "held"),
+                         [(24, 0.2, 5), (10, 0.2, 2), (2, 0.01, 1), (2, 0.9, 1), (1, 0.5, 0),
+                          (24, 0.0, 0)])
+def test_split_holdout_keeps_the_last_records_apart(records, fraction, held):
+    data = encode_records([Record(f"line {i}") for i in range(records)], tokenizer(), SEQ_LEN)
+
+    fit, holdout = split_holdout(data, fraction)
+
+    assert len(fit) == records - held
+    if held == 0:
+        assert holdout is None and fit is data
+        return
+    assert len(holdout) == held
+    width = holdout.input_ids.shape[1]  # rows are trimmed to the longest selected one
+    assert torch.equal(holdout.input_ids, data.input_ids[records - held:, :width])
+    assert torch.equal(fit.input_ids, data.input_ids[:records - held, :fit.input_ids.shape[1]])
+
+
+def _user_round(model, data, lr):
+    return train_user_checked(model, data, holdout_fraction=0.25, steps=4, batch_size=4, lr=lr,
+                              scheme="ffa", generator=torch.Generator().manual_seed(0))
+
+
+def _user_loss(model, records) -> float:
+    activate(model, LEVELS)
+    stats = evaluate_stats(model, records)
+    activate(model, RELEASED_LEVELS)
+    return stats.nll_sum / stats.tokens
+
+
+def test_a_user_adapter_that_helps_on_held_out_records_is_kept(model):
+    # Arrange: the held-out lines say what the training lines say
+    data = encode_records([Record("to be or not to be")] * 8, tokenizer(), SEQ_LEN)
+    _nonzero_released(model)
+    before = _states(model)
+
+    # Act
+    outcome = _user_round(model, data, lr=0.01)
+
+    # Assert
+    assert outcome.kept and outcome.checked
+    assert outcome.holdout_after < outcome.holdout_before
+    assert outcome.holdout_after == pytest.approx(_user_loss(model, data.select(
+        torch.arange(6, 8))), rel=1e-6)
+    assert not _equal(before["user"], level_state(model, "user"))
+    assert model.base_model.active_adapters == list(RELEASED_LEVELS)
+
+
+def test_a_user_adapter_that_hurts_on_held_out_records_is_discarded(model):
+    # Arrange: the previous adapter learnt the user's last lines; this round's first
+    # lines pull the new one elsewhere
+    last_lines = [Record("xyz abc def qqq")] * 2
+    train_user(model, encode_records(last_lines * 2, tokenizer(), SEQ_LEN), steps=20,
+               batch_size=4, lr=0.02, scheme="ffa", generator=torch.Generator().manual_seed(0))
+    data = encode_records([Record("to be or not to be")] * 6 + last_lines, tokenizer(), SEQ_LEN)
+    before = _states(model)
+
+    # Act
+    outcome = _user_round(model, data, lr=0.05)
+
+    # Assert: the previous adapter is back, bit for bit
+    assert outcome.checked and not outcome.kept
+    assert outcome.holdout_after > outcome.holdout_before
+    assert all(_equal(before[level], state) for level, state in _states(model).items())
+    assert outcome.holdout_before == pytest.approx(_user_loss(model, data.select(
+        torch.arange(6, 8))), rel=1e-6)
+    assert model.base_model.active_adapters == list(RELEASED_LEVELS)
+
+
+def test_without_a_holdout_every_user_adapter_is_kept(model, data):
+    before = _states(model)
+
+    outcome = train_user_checked(model, data, holdout_fraction=0.0, steps=2, batch_size=2,
+                                 lr=50.0, scheme="ffa", generator=torch.Generator().manual_seed(0))
+
+    assert outcome.kept and not outcome.checked
+    assert not _equal(before["user"], level_state(model, "user"))
 
 
 # -- Poisson sampling ----------------------------------------------------------------------------
