@@ -8,6 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -26,6 +27,7 @@ from server.strategy import (
     train_content,
 )
 from shared.adapters import is_trainable_key
+from shared.aggregation import ClientUpdate
 from shared.atomic import secret_file
 from shared.central_dp import CentralLedger, plan_levels
 from shared.config import RunConfig, expand_path
@@ -65,10 +67,47 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return expand_path("run-dir", cfg.run_dir) if cfg.run_dir else cache_root() / "runs" / "latest"
 
 
+@dataclass
+class Run:
+    """What every round of one run shares, fixed when the run starts or resumes."""
+    cfg: RunConfig
+    run_dir: Path
+    state: ServerState
+    users: tuple  # a simulation's training users; empty in a deployment
+    personas: tuple[str, ...]
+    expected: dict[str, tuple[int, ...]]  # the sent global adapter's tensor shapes
+    merged: frozenset[str] = frozenset()  # personas merged into global (user-level DP)
+    node_info: dict[int, dict] = field(default_factory=dict)
+    user_name: dict[int, str] = field(default_factory=dict)
+    sampling_seed: int = 0
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The personas trained as such; a merged one's members train global only."""
+        return tuple(p for p in self.personas if p not in self.merged)
+
+    def persona_of(self, node: int) -> str | None:
+        persona = self.node_info[node]["persona"]
+        return None if persona in self.merged else persona
+
+    def refresh(self, grid: Grid, online: list[int] | None = None) -> list[int]:
+        return refresh_nodes(grid, self.node_info, self.user_name, self.users, self.cfg,
+                             self.personas, online=online)
+
+
 def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = print) -> dict:
     """Train for ``num-rounds`` (resuming from the run directory's checkpoint), evaluate,
     and write the report. Returns the report."""
     started = time.monotonic()
+    run = start_run(grid, cfg, progress)
+    for server_round in range(run.state.round + 1, cfg.num_rounds + 1):
+        run_round(grid, run, server_round, progress)
+    return final_report(grid, run, started, progress)
+
+
+def start_run(grid: Grid, cfg: RunConfig, progress: Callable[[str], None]) -> Run:
+    """The checkpoint (or a fresh state), the connected nodes, and the user-level DP
+    plan, refusing a resume that would change what was promised."""
     run_dir = run_dir_of(cfg)
     # A deployment names its personas and the server reads no user data; a simulation
     # takes them, and the users' names, from the population.
@@ -85,13 +124,12 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         progress(f"resuming {run_dir} after round {state.round}")
     expected = {k: tuple(v.shape) for k, v in sent_part(runtime.initial["global"],
                                                           cfg.lora_scheme).items()}
+    run = Run(cfg, run_dir, state, tuple(users), personas, expected)
 
     nodes = wait_for_nodes(grid, max(1, cfg.min_clients or min(len(users),
                                                                  cfg.clients_per_round)))
-    node_info: dict[int, dict] = {}
-    user_name: dict[int, str] = {}
-    refresh_nodes(grid, node_info, user_name, users, cfg, personas, online=nodes)
-    counts = {p: sum(1 for i in node_info.values() if i["persona"] == p) for p in personas}
+    run.refresh(grid, online=nodes)
+    counts = {p: sum(1 for i in run.node_info.values() if i["persona"] == p) for p in personas}
     progress(f"{len(nodes)} clients connected; clients per persona: "
              + ", ".join(f"{p} {n}" for p, n in counts.items()))
     if state.round and cfg.central_dp != (state.central_dp is not None):
@@ -99,13 +137,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                            f"{state.central_dp is not None}; resuming with central-dp = "
                            f"{cfg.central_dp} would void or misstate the user-level guarantee")
     if cfg.central_dp and state.central_dp is None:  # fixed before round 1, kept on resume
-        state.central_dp = central_dp_plan(cfg, users, counts, len(node_info))
-    merged = set(state.central_dp.merged) if cfg.central_dp and state.central_dp else set()
+        state.central_dp = central_dp_plan(cfg, users, counts, len(run.node_info))
+    if cfg.central_dp and state.central_dp:
+        run.merged = frozenset(state.central_dp.merged)
     for persona, note in (state.central_dp.summary()["merged_into_global"].items()
-                          if merged else ()):
+                          if run.merged else ()):
         progress(f"user-level DP: persona {persona} {note}")
-    trained = tuple(p for p in personas if p not in merged)  # merged: global-only training
-    sampling_seed = cfg.seed
+    run.sampling_seed = cfg.seed
     if cfg.central_dp:
         planned = min(cfg.clients_per_round, state.central_dp.population)
         if abs(planned / state.central_dp.population - state.central_dp.sample_rate) > 1e-12:
@@ -113,110 +151,137 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                                f"{state.central_dp.sample_rate:.4g}; clients-per-round = "
                                f"{cfg.clients_per_round} would change it")
         secret = secret_file(run_dir / "server-secret")
-        sampling_seed = int.from_bytes(hashlib.sha256(secret).digest()[:4], "big") >> 1
+        run.sampling_seed = int.from_bytes(hashlib.sha256(secret).digest()[:4], "big") >> 1
+    return run
 
-    def persona_of(node: int) -> str | None:
-        persona = node_info[node]["persona"]
-        return None if persona in merged else persona
 
-    for server_round in range(state.round + 1, cfg.num_rounds + 1):
-        t0 = time.monotonic()
-        online = refresh_nodes(grid, node_info, user_name, users, cfg, personas)
-        # Under central DP the sample must be secret (amplification by subsampling is
-        # what the account credits) and drawn from the planned population, online or
-        # not (a chosen node that is away simply does not reply), so that q = k / N.
-        pool = sorted(node_info) if cfg.central_dp else online
-        chosen = sample_nodes(pool, cfg.clients_per_round, seed=sampling_seed,
-                              server_round=server_round, key=user_name.get)
-        messages = []
-        discovering = bool(k) and server_round > cfg.discovery_warmup
-        for node in chosen:
-            content = round_content(state, persona_of(node), trained, cfg,
-                                    server_round, all_personas=discovering)
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        # secagg: Flower's SecAgg+ replaces send/parse/apply; the server sees only sums
-        secure = SecureRound(grid, cfg, trained, expected, server_round=server_round,
-                             persona_of=persona_of, discovering=discovering) if cfg.secagg \
-            else None
-        replies = (secure.run(messages) if secure else
-                   list(grid.send_and_receive(messages, timeout=_timeout(cfg))))
-        accepted, declined, rejected, norms, losses = [], 0, [], [], []
-        private_choices: list[int] = []
-        errors: list[str] = []
-        answered: set[int] = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error() and node not in chosen:
-                # The SuperLink answers for a node that went away (e.g. "Node Unavailable");
-                # the node is named below, among those without a valid reply.
-                errors.append(error_summary(reply.error.reason))
-                continue
-            answered.add(node)
-            try:
-                persona = (chosen_persona(reply, personas) if discovering
-                           else persona_of(node))
-                update, metrics = secure.parse(reply, persona) if secure else parse_reply(
-                    reply, persona=persona, expected=expected, current=state,
-                    scheme=cfg.lora_scheme, max_update_norm=cfg.max_update_norm,
-                    dtype=cfg.transport_dtype)
-            except UpdateRejected as err:
-                rejected.append({"round": server_round, "client": user_name.get(node, node),
+@dataclass
+class RoundReplies:
+    """One round's replies, validated: what counts, and why the rest does not."""
+    accepted: list[tuple[str, ClientUpdate]] = field(default_factory=list)  # (user, update)
+    declined: int = 0
+    rejected: list[dict] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    private_choices: list[int] = field(default_factory=list)
+
+
+def run_round(grid: Grid, run: Run, server_round: int,
+              progress: Callable[[str], None]) -> None:
+    """Sample, send, validate the replies, aggregate, checkpoint: one round."""
+    cfg, state = run.cfg, run.state
+    t0 = time.monotonic()
+    online = run.refresh(grid)
+    # Under central DP the sample must be secret (amplification by subsampling is
+    # what the account credits) and drawn from the planned population, online or
+    # not (a chosen node that is away simply does not reply), so that q = k / N.
+    pool = sorted(run.node_info) if cfg.central_dp else online
+    chosen = sample_nodes(pool, cfg.clients_per_round, seed=run.sampling_seed,
+                          server_round=server_round, key=run.user_name.get)
+    discovering = bool(cfg.discovered_k) and server_round > cfg.discovery_warmup
+    messages = [Message(round_content(state, run.persona_of(node), run.trained, cfg,
+                                      server_round, all_personas=discovering),
+                        dst_node_id=node, message_type=MessageType.TRAIN)
+                for node in chosen]
+    # secagg: Flower's SecAgg+ replaces send/parse/apply; the server sees only sums
+    secure = SecureRound(grid, cfg, run.trained, run.expected, server_round=server_round,
+                         persona_of=run.persona_of, discovering=discovering) if cfg.secagg \
+        else None
+    replies = (secure.run(messages) if secure else
+               list(grid.send_and_receive(messages, timeout=_timeout(cfg))))
+    got = collect_replies(run, replies, chosen, server_round, secure=secure,
+                          discovering=discovering)
+    # Aggregate in a fixed order (by user), not arrival order: float sums then
+    # reproduce exactly, so a resumed run matches an uninterrupted one.
+    (secure.apply if secure else apply_round)(
+        state, [u for _, u in sorted(got.accepted, key=lambda pair: pair[0])], cfg)
+    state.round = server_round
+    state.rejected.extend(sorted(got.rejected, key=lambda r: str(r["client"])))
+    state.history.append({
+        "round": server_round, "clients": len(chosen), "accepted": len(got.accepted),
+        # whose DP update counted (the ledger audit checks no device undercounts them)
+        "trained_users": sorted(u for u, _ in got.accepted),
+        "declined": got.declined, "rejected": len(got.rejected),
+        "train_loss": weighted_loss(got.losses),
+        "update_norm": statistics.fmean(got.norms) if got.norms else float("nan"),
+        **({"private_choices": sum(got.private_choices),
+            "clusters_chosen": len(got.private_choices)} if discovering else {}),
+        **(secure.history() if secure else {}),
+        "seconds": round(time.monotonic() - t0, 2)})
+    save_checkpoint(run.run_dir, state, get_runtime(cfg).lora)
+    h = state.history[-1]
+    eps = max(state.epsilon_per_user.values(), default=0.0)
+    progress(f"round {server_round}/{cfg.num_rounds}: {h['accepted']}/{h['clients']} "
+             f"accepted, {got.declined} declined, {len(got.rejected)} rejected, train loss "
+             f"{h['train_loss']:.3f}, update norm {h['update_norm']:.3f}"
+             + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
+             + (f", user-level epsilon (global) {state.central_dp.epsilon('global'):.2f}"
+                if cfg.central_dp else "")
+             + f" [{h['seconds']:.0f}s]")
+
+
+def collect_replies(run: Run, replies: list[Message], chosen: list[int], server_round: int,
+                    *, secure: SecureRound | None, discovering: bool) -> RoundReplies:
+    """Validate each reply (a bad one is rejected with its reason, never fatal) and name
+    the chosen nodes that did not answer."""
+    cfg, state, user_name = run.cfg, run.state, run.user_name
+    got = RoundReplies()
+    errors: list[str] = []
+    answered: set[int] = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error() and node not in chosen:
+            # The SuperLink answers for a node that went away (e.g. "Node Unavailable");
+            # the node is named below, among those without a valid reply.
+            errors.append(error_summary(reply.error.reason))
+            continue
+        answered.add(node)
+        try:
+            persona = (chosen_persona(reply, run.personas) if discovering
+                       else run.persona_of(node))
+            update, metrics = secure.parse(reply, persona) if secure else parse_reply(
+                reply, persona=persona, expected=run.expected, current=state,
+                scheme=cfg.lora_scheme, max_update_norm=cfg.max_update_norm,
+                dtype=cfg.transport_dtype)
+        except UpdateRejected as err:
+            got.rejected.append({"round": server_round, "client": user_name.get(node, node),
                                  "reason": str(err)})
-                log.warning("round %d: rejected update from %s: %s", server_round,
-                            user_name.get(node, node), err)
-                continue
-            if cfg.dp and "epsilon" in metrics:
-                state.epsilon_per_user[user_name[node]] = float(metrics["epsilon"])
-            if update is None:
-                declined += 1
-                continue
-            if discovering:
-                state.assignments[user_name[node]] = persona
-                private_choices.append(int(metrics.get("selection-private", 0)))
-            accepted.append((user_name[node], update))
-            norms.append(float(metrics["update-norm"]))
-            losses.append((float(metrics.get("train-loss", float("nan"))), update.num_examples))
-        for node in chosen:
-            if node not in answered:
-                reason = "no reply" + (f" ({'; '.join(sorted(set(errors)))})" if errors else "")
-                rejected.append({"round": server_round, "client": user_name[node],
+            log.warning("round %d: rejected update from %s: %s", server_round,
+                        user_name.get(node, node), err)
+            continue
+        if cfg.dp and "epsilon" in metrics:
+            state.epsilon_per_user[user_name[node]] = float(metrics["epsilon"])
+        if update is None:
+            got.declined += 1
+            continue
+        if discovering:
+            state.assignments[user_name[node]] = persona
+            got.private_choices.append(int(metrics.get("selection-private", 0)))
+        got.accepted.append((user_name[node], update))
+        got.norms.append(float(metrics["update-norm"]))
+        got.losses.append((float(metrics.get("train-loss", float("nan"))),
+                           update.num_examples))
+    for node in chosen:
+        if node not in answered:
+            reason = "no reply" + (f" ({'; '.join(sorted(set(errors)))})" if errors else "")
+            got.rejected.append({"round": server_round, "client": user_name[node],
                                  "reason": reason})
-                log.warning("round %d: %s: %s", server_round, user_name[node], reason)
-        # Aggregate in a fixed order (by user), not arrival order: float sums then
-        # reproduce exactly, so a resumed run matches an uninterrupted one.
-        (secure.apply if secure else apply_round)(
-            state, [u for _, u in sorted(accepted, key=lambda pair: pair[0])], cfg)
-        state.round = server_round
-        state.rejected.extend(sorted(rejected, key=lambda r: str(r["client"])))
-        state.history.append({
-            "round": server_round, "clients": len(chosen), "accepted": len(accepted),
-            # whose DP update counted (the ledger audit checks no device undercounts them)
-            "trained_users": sorted(u for u, _ in accepted),
-            "declined": declined, "rejected": len(rejected),
-            "train_loss": weighted_loss(losses),
-            "update_norm": statistics.fmean(norms) if norms else float("nan"),
-            **({"private_choices": sum(private_choices),
-                "clusters_chosen": len(private_choices)} if discovering else {}),
-            **(secure.history() if secure else {}),
-            "seconds": round(time.monotonic() - t0, 2)})
-        save_checkpoint(run_dir, state, runtime.lora)
-        h = state.history[-1]
-        eps = max(state.epsilon_per_user.values(), default=0.0)
-        progress(f"round {server_round}/{cfg.num_rounds}: {h['accepted']}/{h['clients']} "
-                 f"accepted, {declined} declined, {len(rejected)} rejected, train loss "
-                 f"{h['train_loss']:.3f}, update norm {h['update_norm']:.3f}"
-                 + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
-                 + (f", user-level epsilon (global) {state.central_dp.epsilon('global'):.2f}"
-                    if cfg.central_dp else "")
-                 + f" [{h['seconds']:.0f}s]")
+            log.warning("round %d: %s: %s", server_round, user_name[node], reason)
+    return got
 
-    online = refresh_nodes(grid, node_info, user_name, users, cfg, personas)
+
+def final_report(grid: Grid, run: Run, started: float,
+                 progress: Callable[[str], None]) -> dict:
+    """Evaluate every online user at each level and write ``report.md`` / ``report.json``."""
+    cfg, state = run.cfg, run.state
+    online = run.refresh(grid)
     progress(f"evaluating {len(online)} users at {len(EVAL_LEVELS)} levels")
-    per_user = evaluate_nodes(grid, online, state, node_info, cfg, personas, user_name)
-    truth = {u.user_id: u.attributes.get("genre", u.persona) for u in users}
+    per_user = evaluate_nodes(grid, online, state, run.node_info, cfg, run.personas,
+                              run.user_name)
+    truth = {u.user_id: u.attributes.get("genre", u.persona) for u in run.users}
     report = {
-        "config": cfg.to_flower(), "num_users": len(users),
-        "personas": list(personas),
+        "config": cfg.to_flower(), "num_users": len(run.users),
+        "personas": list(run.personas),
         "rounds": state.history,
         "rejected_updates": state.rejected,
         "privacy": privacy_summary(state.epsilon_per_user, dp=cfg.dp, delta=cfg.target_delta,
@@ -224,13 +289,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
         "user_level_privacy": (state.central_dp.summary() if cfg.central_dp and state.central_dp
                                else {"central_dp": False}),
         "levels": level_metrics(per_user),
-        **({"discovery": discovery_report(state, truth, cfg)} if k else {}),
+        **({"discovery": discovery_report(state, truth, cfg)} if cfg.discovered_k else {}),
         "adapters": {"global": "adapters/global",
-                     "persona": {p: f"adapters/persona/{p}" for p in personas}},
+                     "persona": {p: f"adapters/persona/{p}" for p in run.personas}},
         "seconds": round(time.monotonic() - started, 1),
     }
-    write_report(run_dir, report)
-    progress(f"wrote {run_dir / 'report.md'} and report.json")
+    write_report(run.run_dir, report)
+    progress(f"wrote {run.run_dir / 'report.md'} and report.json")
     return report
 
 
