@@ -140,6 +140,12 @@ def train(msg: Message, context: Context) -> Message:
     reply[KEY_METRICS] = MetricRecord(metrics)
     store.commit_round(Replay(int(info["server-round"]), instruction, reply, user_state),
                        runtime.lora)  # the replay, then the user adapter
+    if user_round.checked:
+        # A tally for the device and a simulation's report, kept after the commit: a
+        # kill in between loses one count, nothing else.
+        tally = store.load_state()
+        store.save_state({**tally, "user-checks": int(tally.get("user-checks", 0)) + 1,
+                          "user-kept": int(tally.get("user-kept", 0)) + user_round.kept})
     return Message(reply, reply_to=msg)
 
 
@@ -163,8 +169,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         load_level(runtime.model, "persona", clusters[persona_index])
     records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
     data = encode_records(records, runtime.tokenizer, cfg.seq_len)
+    tally = store.load_state()
     metrics: dict[str, float | int] = {"user-index": user_index, "persona-index": persona_index,
-                                        "num-examples": len(records)}
+                                        "num-examples": len(records),
+                                        "user-checks": int(tally.get("user-checks", 0)),
+                                        "user-kept": int(tally.get("user-kept", 0))}
     for name, levels in EVAL_LEVELS.items():
         if levels:
             activate(runtime.model, levels)

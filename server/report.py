@@ -87,6 +87,28 @@ def user_level_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def user_check_summary(tallies: Mapping[str, tuple[int, int]],
+                       holdout_fraction: float) -> dict[str, Any]:
+    """``user -> (rounds checked, rounds kept)`` of the on-device user-adapter check, summed;
+    the users who discarded at least one new adapter are named."""
+    checked = sum(c for c, _ in tallies.values())
+    kept = sum(k for _, k in tallies.values())
+    return {"holdout_fraction": holdout_fraction, "users": len(tallies),
+            "checked_rounds": checked, "kept_rounds": kept, "discarded_rounds": checked - kept,
+            "users_with_a_discard": sorted(u for u, (c, k) in tallies.items() if k < c)}
+
+
+def user_check_lines(summary: Mapping[str, Any] | None) -> list[str]:
+    if not summary or not summary["checked_rounds"]:
+        return []
+    discarded = summary["users_with_a_discard"]
+    return [f"User adapter, checked on each device against the last "
+            f"{100 * summary['holdout_fraction']:g}% of its own training lines: kept in "
+            f"{summary['kept_rounds']} of {summary['checked_rounds']} rounds; "
+            + (f"discarded at least once by {len(discarded)} of {summary['users']} users "
+               f"({', '.join(discarded)})." if discarded else "never discarded."), ""]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     cfg = report["config"]
     privacy = report["privacy"]
@@ -97,6 +119,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if "levels" in report:
         lines += ["## Test metrics per level (macro over users, ± 95% CI)", "",
                   levels_table(report["levels"]), ""]
+        lines += user_check_lines(report.get("user_adapter_check"))
     if "baselines" in report:
         lines += ["## Baselines", "",
                   "`local-only`: each user trains alone with the same DP setting and steps; "

@@ -15,7 +15,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
-from server.report import level_metrics, privacy_summary, write_report
+from server.report import level_metrics, privacy_summary, user_check_summary, write_report
 from server.secagg import SecureRound
 from server.strategy import (
     apply_round,
@@ -276,8 +276,8 @@ def final_report(grid: Grid, run: Run, started: float,
     cfg, state = run.cfg, run.state
     online = run.refresh(grid)
     progress(f"evaluating {len(online)} users at {len(EVAL_LEVELS)} levels")
-    per_user = evaluate_nodes(grid, online, state, run.node_info, cfg, run.personas,
-                              run.user_name)
+    per_user, tallies = evaluate_nodes(grid, online, state, run.node_info, cfg, run.personas,
+                                       run.user_name)
     truth = {u.user_id: u.attributes.get("genre", u.persona) for u in run.users}
     report = {
         "config": cfg.to_flower(), "num_users": len(run.users),
@@ -289,6 +289,7 @@ def final_report(grid: Grid, run: Run, started: float,
         "user_level_privacy": (state.central_dp.summary() if cfg.central_dp and state.central_dp
                                else {"central_dp": False}),
         "levels": level_metrics(per_user),
+        "user_adapter_check": user_check_summary(tallies, cfg.user_holdout_fraction),
         **({"discovery": discovery_report(state, truth, cfg)} if cfg.discovered_k else {}),
         "adapters": {"global": "adapters/global",
                      "persona": {p: f"adapters/persona/{p}" for p in run.personas}},
@@ -430,13 +431,17 @@ def successful(replies, what: str):
 
 def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: dict,
                    cfg: RunConfig, personas: tuple[str, ...],
-                   user_name: dict[int, str]) -> dict[str, dict[str, TokenStats]]:
+                   user_name: dict[int, str]
+                   ) -> tuple[dict[str, dict[str, TokenStats]], dict[str, tuple[int, int]]]:
+    """Per user: the test stats at each level, and the device's user-adapter check tally
+    (rounds checked, rounds kept)."""
     messages = []
     for node in nodes:
         content = round_content(state, node_info[node]["persona"], personas, cfg, state.round,
                                 all_personas=bool(cfg.discovered_k))
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
     per_user: dict[str, dict[str, TokenStats]] = {}
+    tallies: dict[str, tuple[int, int]] = {}
     for reply in successful(grid.send_and_receive(messages, timeout=_timeout(cfg)),
                             "evaluation"):
         metrics = reply.content.metric_records[KEY_METRICS]
@@ -445,4 +450,5 @@ def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: 
                                             int(metrics[f"{level}/correct"]),
                                             int(metrics[f"{level}/tokens"]))
                           for level in EVAL_LEVELS}
-    return per_user
+        tallies[name] = (int(metrics.get("user-checks", 0)), int(metrics.get("user-kept", 0)))
+    return per_user, tallies

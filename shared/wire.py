@@ -36,7 +36,8 @@ REPLY_METRICS: dict[str, frozenset[str]] = {
     "query": frozenset({"persona-index", "num-examples", "user-index"}),
     "train": frozenset({"num-examples", "user-index", "dp", "declined", "persona-index",
                         "epsilon", "steps", "train-loss", "selection-private"}),
-    "evaluate": frozenset({"user-index", "persona-index", "num-examples"} | {
+    "evaluate": frozenset({"user-index", "persona-index", "num-examples", "user-checks",
+                           "user-kept"} | {
         f"{level}/{stat}" for level in EVAL_LEVELS for stat in STAT_NAMES}),
 }
 

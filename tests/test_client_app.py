@@ -185,10 +185,16 @@ def test_the_user_adapter_is_checked_on_held_out_lines_and_the_check_stays_on_de
     stored = DeviceStore(_user_dir(cfg), cfg.federation_key).load_user_adapter()
     initial = get_runtime(cfg).initial["user"]
     assert any(not torch.equal(stored[k], initial[k]) for k in initial) == kept
-    # nothing about the check is released
+    # nothing about the check is released with the update; the evaluation (a
+    # simulation's measurement, like its test losses) reports the device's tally
     assert set(reply.content.metric_records[KEY_METRICS]) == {
         "num-examples", "user-index", "dp", "declined", "persona-index", "steps",
         "train-loss", "epsilon"}
+    state = initial_server_state(cfg)
+    scores = evaluate(round_message(cfg, state, "a", MessageType.EVALUATE), node_context(0))
+    metrics = scores.content.metric_records[KEY_METRICS]
+    assert (metrics["user-checks"], metrics["user-kept"]) == (len(checks), int(
+        bool(checks) and kept))
 
 
 # -- query ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import math
 import pytest
 from helpers import fit_persona, tiny_lora, tiny_peft
 
+from server.report import user_check_lines, user_check_summary
 from shared.adapters import level_state, save_adapter
 from shared.config import RunConfig
 from shared.metrics import TokenStats, macro_summary
@@ -84,6 +85,19 @@ def test_summarize_of_nobody_is_nan_with_zero_users():
 
 
 # -- the run's configuration -------------------------------------------------------------------
+
+def test_user_check_summary_sums_the_devices_tallies_and_names_who_discarded():
+    summary = user_check_summary({"u1": (3, 3), "u2": (2, 1), "u3": (0, 0), "u0": (4, 2)},
+                                 0.2)
+
+    assert summary == {"holdout_fraction": 0.2, "users": 4, "checked_rounds": 9,
+                       "kept_rounds": 6, "discarded_rounds": 3,
+                       "users_with_a_discard": ["u0", "u2"]}
+    assert user_check_lines(summary)[0] == (
+        "User adapter, checked on each device against the last 20% of its own training "
+        "lines: kept in 6 of 9 rounds; discarded at least once by 2 of 4 users (u0, u2).")
+    assert user_check_lines(user_check_summary({"u1": (0, 0)}, 0.0)) == []
+
 
 def test_load_run_config_without_a_report_is_a_clear_error(tmp_path):
     with pytest.raises(EvaluationError, match="report.json"):

@@ -50,6 +50,13 @@ def test_simulation_trains_evaluates_and_reports(population, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "adapters" / "persona").iterdir()) == \
         sorted(report["personas"])
     assert "| global+persona+user" in (tmp_path / "run" / "report.md").read_text()
+    # every trained device checked its new user adapter once per round it trained
+    check = on_disk["user_adapter_check"]
+    assert check["checked_rounds"] == sum(r["accepted"] for r in on_disk["rounds"]) == 6
+    assert check["kept_rounds"] + check["discarded_rounds"] == 6
+    assert check["users"] == 5 and check["holdout_fraction"] == cfg.user_holdout_fraction
+    assert f"kept in {check['kept_rounds']} of 6 rounds" in (
+        tmp_path / "run" / "report.md").read_text()
 
 
 def test_resume_after_restart_matches_uninterrupted_run(population, tmp_path):
