@@ -9,10 +9,19 @@ reply; :func:`_secagg_input` turns our train reply into one: the packed vector o
 :mod:`shared.secagg` (changes from what the server sent, clipped here because the
 server can no longer check them) and the example count as the weight. Flower's mod
 then masks it and empties every array record: the adapters never leave in clear.
+
+Flower's mod rounds the vector stochastically with numpy's global generator,
+unseeded: the same vector would sum to a slightly different mean each time, so a
+resumed run's next instruction (and with it every later DP draw) would differ from
+an uninterrupted run's. :func:`secagg_mod` seeds that generator from the device
+secret and the digest of the training inputs, as the DP draws are seeded
+(:mod:`client.client_app`), and restores it afterwards: the server cannot predict
+the rounding, and the same instruction gets the same quantized vector.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -23,6 +32,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.node import resolve_user
+from client.replay import NOT_TRAINING_INPUTS, content_digest
+from client.store import device_secret
 from shared.config import RunConfig
 from shared.records import record_to_state
 from shared.secagg import clip_change, pack
@@ -44,7 +56,11 @@ def secagg_mod(msg: Message, context: Context,
     if (msg.metadata.message_type != MessageType.TRAIN
             or RECORD_KEY_CONFIGS not in msg.content.config_records):
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, _secagg_input(call_next))
+    saved = np.random.get_state()  # the handler seeds it for Flower's rounding
+    try:
+        return secaggplus_mod(msg, context, _secagg_input(call_next))
+    finally:
+        np.random.set_state(saved)
 
 
 def _secagg_input(call_next: Callable[[Message, Context], Message]
@@ -57,9 +73,19 @@ def _secagg_input(call_next: Callable[[Message, Context], Message]
         metrics = dict(reply.content.metric_records[KEY_METRICS])
         num_slots = len(list(msg.content[KEY_ROUND]["persona-names"]))
         vector, weight = secagg_input(msg.content, reply.content, metrics, cfg, num_slots)
+        np.random.seed(rounding_seed(msg, context, cfg))  # Flower quantizes after we return
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), weight, metrics)
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
     return handler
+
+
+def rounding_seed(msg: Message, context: Context, cfg: RunConfig) -> np.ndarray:
+    """256 bits for Flower's stochastic rounding: secret to the device, the same for the
+    same training inputs (a resent round, or the same round of an uninterrupted run)."""
+    inputs = content_digest(msg.content, config_ignore=NOT_TRAINING_INPUTS)
+    secret = device_secret(resolve_user(context, cfg)[0])
+    digest = hashlib.sha256(b"secagg-rounding:" + secret + inputs.encode()).digest()
+    return np.frombuffer(digest, dtype=np.uint32)
 
 
 def secagg_input(sent: RecordDict, reply: RecordDict, metrics: dict, cfg: RunConfig,
@@ -92,6 +118,10 @@ def _change(released, sent: dict[str, np.ndarray], cfg: RunConfig,
     after = _numpy(released)
     if sorted(after) != sorted(sent):
         raise ValueError(f"{what} adapter: released tensors differ from those received")
+    for k, received in sent.items():  # numpy would broadcast (1, r) over (n, r) silently
+        if after[k].shape != received.shape:
+            raise ValueError(f"{what} adapter: {k} has shape {list(after[k].shape)}, "
+                             f"received {list(received.shape)}")
     change = {k: after[k] - sent[k] for k in sent}
     if not all(np.isfinite(v).all() for v in change.values()):
         raise ValueError(f"{what} adapter: NaN or Inf after training")

@@ -28,8 +28,10 @@ malicious client can still add any vector within the clipping range. Other limit
 * a persona with one member in a round has its sum equal to that member's change
   (membership is public), so it is protected only by the client's DP;
 * the mean is quantized: per coordinate it differs from the plain mean by less than
-  :func:`shared.secagg.error_bound`, and the rounding is random, so a resumed run
-  matches an uninterrupted one only to within that bound;
+  :func:`shared.secagg.error_bound`. The rounding is random but seeded on each device
+  from its secret and the instruction (:func:`client.secagg.rounding_seed`): unseeded,
+  a resumed run's next instruction, and so every later DP draw, would differ from an
+  uninterrupted run's; seeded, a resumed run reproduces it bit for bit;
 * upload is K + 1 adapters per client (plus Flower's keys and shares), not 2;
 * Flower's ``pseudo_rand_gen`` (``flwr/common/secure_aggregation/secaggplus_utils.py``)
   seeds numpy's RandomState with 32 bits folded from each 32-byte secret: that is

@@ -4,6 +4,7 @@ server never holds an individual update."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import server.secagg
 from client.client_app import make_client_app
 from client.node import resolve_user
 from client.secagg import secagg_input
-from server.checkpoint import ServerState, load_checkpoint
+from server.checkpoint import ServerState, load_checkpoint, states_equal
 from server.strategy import apply_round, sent_part
 from shared.aggregation import ClientUpdate
 from shared.config import ConfigError, RunConfig
@@ -133,6 +134,42 @@ def test_client_input_is_the_clipped_change_in_its_slot(tmp_path):
     assert weight == 0 and all((a == 0).all() for a in declined)
     with pytest.raises(ValueError, match="40 examples: secure aggregation weighs at most"):
         secagg_input(sent, reply, {**metrics, "num-examples": 40}, cfg, num_slots=2)
+
+
+def test_client_input_refuses_a_release_of_another_shape_even_one_that_broadcasts(tmp_path):
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=3)
+    sent = RecordDict({KEY_GLOBAL: state_to_record({k: torch.zeros(s) for k, s in SHAPES.items()})})
+    metrics = {"num-examples": 20, "persona-index": -1, "declined": 0}
+    for shape in ((1, 3), (3, 3)):  # (1, 3) - (2, 3) broadcasts in numpy
+        released = {k: torch.zeros(s) for k, s in SHAPES.items()} | {"b.weight": torch.ones(shape)}
+        reply = RecordDict({KEY_GLOBAL: state_to_record(released)})
+        with pytest.raises(ValueError, match=rf"global adapter: b.weight has shape "
+                                             rf"\[{shape[0]}, 3\], received \[2, 3\]"):
+            secagg_input(sent, reply, metrics, cfg, num_slots=2)
+
+
+def test_rounding_seed_is_the_devices_own_and_fixed_by_the_training_inputs(tmp_path):
+    from client.secagg import rounding_seed
+    from client.store import STATE_DIR
+    from shared.federation import load_run_population
+    from tests.helpers import initial_server_state, node_context, round_message
+
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=3)
+    state = initial_server_state(cfg)
+
+    def seed(config: RunConfig, partition: int = 0, server_round: int = 1) -> list[int]:
+        msg = round_message(config, state, "a", MessageType.TRAIN, server_round=server_round)
+        return rounding_seed(msg, node_context(partition), config).tolist()
+
+    first = seed(cfg)
+    assert len(first) == 8 and seed(cfg) == first  # 256 bits, the same for the same round
+    # where the run lives and how many rounds it has do not enter the rounding
+    assert seed(cfg.replace(run_dir=str(tmp_path / "other"), num_rounds=9)) == first
+    assert seed(cfg, server_round=2) != first
+    assert seed(cfg, partition=1) != first  # another device, another secret
+    (load_run_population(cfg).user_dir("u1") / STATE_DIR / "device-secret").write_bytes(
+        bytes(32))
+    assert seed(cfg) != first  # secret, not derived from what the server knows
 
 
 # -- a real simulation -----------------------------------------------------------------------
@@ -323,3 +360,326 @@ def test_secagg_matches_plain_aggregation_and_the_server_sees_only_masked_vector
         for name, s in first["stages"].items()))
     print(f"round 1 max |secagg - plain| global {diff:.3g} (bound {tol_global:.3g}); "
           f"bounds {first['quantization_error_bound']}")
+
+
+# -- untested combinations: transport dtype, FedAdam, discovered personas, resume, faults ----
+
+def _spy_all(msg, context, call_next):
+    """Like :func:`_spy`, for every adapter record sent (``persona-<i>`` included)."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    cfg = read_run_config(msg.content[KEY_CONFIG])
+    user = resolve_user(context, cfg)[0].name
+    server_round = int(msg.content[KEY_ROUND]["server-round"])
+    out = Path(cfg.run_dir).parent / "spy"
+    out.mkdir(exist_ok=True)
+    states = {f"{side}/{name}": record_to_state(content[name])
+              for side, content in (("sent", msg.content), ("released", reply.content))
+              for name in content.array_records}
+    torch.save({"states": states, "metrics": dict(reply.content[KEY_METRICS]),
+                "personas": list(msg.content[KEY_ROUND]["persona-names"])},
+               out / f"{cfg.run_dir.rsplit('/', 1)[-1]}-{server_round}-{user}.pt")
+    return reply
+
+
+def _spied(root: Path, run: str) -> dict[tuple[int, str], dict]:
+    return {(int(p.stem.split("-")[-2]), p.stem.split("-")[-1]): torch.load(p)
+            for p in sorted((root / "spy").glob(f"{run}-*.pt"))}
+
+
+def _snapshot(run_dir: Path, server_round: int) -> ServerState:
+    """The checkpoint of ``server_round`` (the server keeps the last two)."""
+    view = run_dir.parent / f"{run_dir.name}-view-{server_round}" / "checkpoint"
+    view.mkdir(parents=True, exist_ok=True)
+    name = f"round-{server_round:04d}"
+    if not (view / name).exists():
+        (view / name).symlink_to(run_dir / "checkpoint" / name)
+    (view / "LATEST").write_text(name + "\n")
+    return load_checkpoint(view.parent)
+
+
+def _initial(cfg: RunConfig) -> ServerState:
+    from server.server_app import initial_personas
+    from shared.personas import cluster_names
+    from shared.runtime import get_runtime
+
+    runtime = get_runtime(cfg)
+    personas = cluster_names(cfg.discovered_k) if cfg.discovered_k else PERSONAS
+    return ServerState(round=0, global_state=dict(runtime.initial["global"]),
+                       persona_states=initial_personas(runtime, personas, cfg))
+
+
+def _plain_update(entry: dict, cfg: RunConfig, corrupt=None) -> tuple[ClientUpdate, bool]:
+    """What one summed client contributes, as plain aggregation would take it: the
+    released adapters, after the clipping the device applies before masking (and
+    ``corrupt(sent, released)``, a fault, before that). Also whether anything clipped."""
+    states, metrics = entry["states"], entry["metrics"]
+    index = int(metrics["persona-index"])
+    levels = {"global": "sent/global"}
+    if "released/persona" in states:
+        levels["persona"] = ("sent/persona" if "sent/persona" in states
+                             else f"sent/persona-{index}")
+    released, clipped_any = {}, False
+    for level, sent_name in levels.items():
+        sent, after = states[sent_name], states[f"released/{level}"]
+        if corrupt is not None:
+            after = corrupt(sent, after)
+        change, clipped = clip_change({k: (after[k] - sent[k]).numpy() for k in sent},
+                                      max_norm=cfg.max_update_norm,
+                                      clipping_range=cfg.secagg_clipping_range)
+        clipped_any |= clipped
+        released[level] = after if not clipped else {
+            k: sent[k] + torch.from_numpy(change[k]) for k in sent}
+    persona = entry["personas"][index] if "persona" in released else ""
+    return ClientUpdate(global_state=released["global"], persona=persona,
+                        persona_state=released.get("persona", {}),
+                        num_examples=int(metrics["num-examples"])), clipped_any
+
+
+def _adam_tolerance(tol: float, opt, lr: float, beta1: float = 0.9,
+                    beta2: float = 0.99, tau: float = 1e-3) -> dict[str, torch.Tensor]:
+    """``tol`` on the pseudo-gradient carried through one FedAdam step
+    (``shared.aggregation.fedadam_step``): per coordinate, |d step / d delta| <=
+    lr ((1 - b1) + |m| sqrt(1 - b2) / (sqrt(v) + tau)) / (sqrt(v) + tau), doubled
+    for the curvature over the interval."""
+    out = {}
+    for key, m in opt.m.items():
+        s = opt.v[key].sqrt() + tau
+        out[key] = 2 * tol * lr * ((1 - beta1) + m.abs() * (1 - beta2) ** 0.5 / s) / s
+    return out
+
+
+def _check_round(cfg: RunConfig, before: ServerState, after: ServerState, spy: dict,
+                 server_round: int, summed: list[str],
+                 corrupt: dict | None = None) -> dict[str, float]:
+    """``after`` (the SecAgg+ server's checkpoint) against ``before`` stepped by
+    apply_round with the summed clients' plain updates (``corrupt``: user -> the
+    fault applied to its release); max |difference| / tolerance per aggregate
+    (global, persona/<name>)."""
+    import copy
+
+    corrupt = corrupt or {}
+    reference = copy.deepcopy(before)
+    pairs = {u: _plain_update(spy[(server_round, u)], cfg, corrupt.get(u)) for u in summed}
+    # honest clients' changes are not clipped: the reference is their very release
+    assert not any(clipped for u, (_, clipped) in pairs.items() if u not in corrupt)
+    assert all(pairs[u][1] for u in corrupt)  # a corrupted one was clipped on the device
+    updates = [u for u, _ in pairs.values()]
+    # the reference starts from what these clients were sent
+    for user in summed:
+        entry = spy[(server_round, user)]
+        for name, sent in entry["states"].items():
+            if name.startswith("sent/"):
+                level = name.removeprefix("sent/")
+                persona = entry["personas"][int(
+                    entry["metrics"]["persona-index"] if level == "persona"
+                    else level.removeprefix("persona-"))] if level != "global" else None
+                held = before.global_state if persona is None else \
+                    before.persona_states[persona]
+                assert _max_diff(sent, sent_part(held, cfg.lora_scheme,
+                                                 cfg.transport_dtype)) == 0.0
+    apply_round(reference, updates, cfg)
+    groups = {"global": (sum(u.num_examples for u in updates), reference.global_state,
+                         after.global_state)}
+    for persona in sorted({u.persona for u in updates} - {""}):
+        groups[f"persona/{persona}"] = (
+            sum(u.num_examples for u in updates if u.persona == persona),
+            reference.persona_states[persona], after.persona_states[persona])
+    ratios = {}
+    for name, (examples, want, got) in groups.items():
+        tol = _tolerance(cfg, len(updates), examples, want)
+        if cfg.server_optimizer == "fedadam":
+            # the moments are linear in the pseudo-gradient: m is off by (1 - b1) x its error
+            got_m, want_m = after.optimizer[name].m, reference.optimizer[name].m
+            assert max(float((got_m[k] - want_m[k]).abs().max()) for k in want_m) <= 0.1 * tol
+            per_key = _adam_tolerance(tol, reference.optimizer[name], cfg.server_learning_rate)
+        else:
+            per_key = {}
+        worst = 0.0
+        for key in want:
+            diff = (got[key].double() - want[key].double()).abs()
+            bound = per_key[key].double() + 4 * float(np.finfo(np.float32).eps) * float(
+                want[key].abs().max()) if key in per_key else torch.tensor(tol)
+            assert bool((diff <= bound).all()), (name, key, float(diff.max()), float(
+                bound.min()))
+            worst = max(worst, float((diff / bound).max()))
+        ratios[name] = worst
+    for persona in set(before.persona_states) - {u.persona for u in updates}:
+        assert states_equal(after.persona_states[persona], before.persona_states[persona])
+    return ratios
+
+
+@pytest.mark.integration
+def test_secagg_with_float16_transport_and_fedadam_matches_plain_aggregation(tmp_path):
+    """Both at once: FedAdam's pseudo-gradient is taken against the float16-rounded
+    state the clients received (server.strategy.sent_part), in both paths."""
+    from simulations.simulate import simulate
+
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=2,
+                       target_epsilon=50.0, secagg_max_weight=32, transport_dtype="float16",
+                       server_optimizer="fedadam", server_learning_rate=0.01)
+    started = time.monotonic()
+    report = simulate(cfg, final_evaluation=False, client_app=make_client_app(_spy_all))
+    seconds = time.monotonic() - started
+
+    spy = _spied(tmp_path, "run")
+    assert [r["secure_aggregation"]["summed"] for r in report["rounds"]] == [3, 3]
+    assert report["rejected_updates"] == []
+    # both ways in half precision: every value the clients saw and released is a float16
+    assert all(torch.equal(v, v.half().to(v.dtype)) for s in spy.values()
+               for state in s["states"].values() for v in state.values())
+    before, ratios = _initial(cfg), {}
+    for server_round in (1, 2):
+        after = _snapshot(Path(cfg.run_dir), server_round)
+        assert sorted(after.optimizer) == ["global", "persona/a", "persona/b"]
+        ratios[server_round] = _check_round(cfg, before, after, spy, server_round,
+                                            ["u1", "u2", "u3"])
+        before = after
+    print(f"\nfloat16 + fedadam: {seconds:.1f}s; max |secagg - plain| / bound per round: "
+          f"{ratios}")
+
+
+class _Stop(Exception):
+    """Stops the server mid-round, as a kill would."""
+
+
+def _stop_in_collect(server_round: int):
+    def observer(stage, reply):
+        if stage == Stage.COLLECT_MASKED_VECTORS and int(reply.metadata.group_id) == \
+                server_round:
+            raise _Stop(f"server stopped while collecting round {server_round}")
+    return observer
+
+
+def _history(state: ServerState) -> list[dict]:
+    """The round history without what varies between protocol runs: timings, and bytes
+    (node ids are random varints, keys are fresh); NaN (no update norm) as a string."""
+    varies = {"seconds", "stages", "bytes_sent", "bytes_received"}
+
+    def same(value):
+        if isinstance(value, dict):
+            return {k: same(v) for k, v in value.items() if k not in varies}
+        return "nan" if isinstance(value, float) and np.isnan(value) else value
+    return [same(h) for h in state.history]
+
+
+@pytest.mark.integration
+def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_path):
+    """Discovered personas under SecAgg+ (each client fills the slot it chose), and a
+    server stopped while collecting round 2's masked vectors, restarted on the same run
+    directory: the devices replay their round-2 replies, the rounding is seeded on the
+    device (client.secagg.rounding_seed), so the result is the uninterrupted run's, bit
+    for bit."""
+    from client.store import DeviceStore
+    from shared.federation import load_run_population
+    from simulations.simulate import simulate
+
+    settings = {"secagg": True, "clients_per_round": 3, "num_rounds": 2,
+                "target_epsilon": 50.0, "secagg_max_weight": 32,
+                "personas": "discovered:2", "discovery_warmup": 0,
+                "seed": 2}  # round 1's public random start: u1, u3 -> cluster-0, u2 -> 1
+    straight = small_config(tmp_path, run_dir=str(tmp_path / "straight"), **settings)
+    stopped = small_config(tmp_path, run_dir=str(tmp_path / "stopped"), **settings)
+    app = make_client_app(_spy_all)
+    started = time.monotonic()
+    simulate(straight, final_evaluation=False, client_app=app)
+    server.secagg.reply_observers.append(_stop_in_collect(2))
+    try:
+        with pytest.raises(_Stop):
+            simulate(stopped, final_evaluation=False, client_app=app)
+    finally:
+        server.secagg.reply_observers.clear()
+    assert load_checkpoint(Path(stopped.run_dir)).round == 1
+    simulate(stopped, final_evaluation=False, client_app=app)
+    seconds = time.monotonic() - started
+
+    # the uninterrupted run matches plain aggregation of what its clients chose and released
+    spy, before, ratios = _spied(tmp_path, "straight"), _initial(straight), {}
+    assert [spy[(1, u)]["metrics"]["persona-index"] for u in ("u1", "u2", "u3")] == [0, 1, 0]
+    for server_round in (1, 2):
+        after = _snapshot(Path(straight.run_dir), server_round)
+        ratios[server_round] = _check_round(straight, before, after, spy, server_round,
+                                            ["u1", "u2", "u3"])
+        before = after
+    assert {u: f"cluster-{spy[(2, u)]['metrics']['persona-index']}" for u in spy_users(spy, 2)} \
+        == after.assignments  # the clients' own choices went into the persona slots
+    a, b = load_checkpoint(Path(straight.run_dir)), load_checkpoint(Path(stopped.run_dir))
+    diffs = {"global": _max_diff(a.global_state, b.global_state),
+             **{p: _max_diff(a.persona_states[p], b.persona_states[p])
+                for p in a.persona_states}}
+    print(f"\ndiscovered personas: max |secagg - plain| / bound per round {ratios}; resume: "
+          f"{seconds:.1f}s for the three runs; max |straight - resumed| {diffs}")
+    assert a.round == b.round == 2
+    assert states_equal(a.global_state, b.global_state)
+    assert all(states_equal(a.persona_states[p], b.persona_states[p]) for p in a.persona_states)
+    assert _history(a) == _history(b) and a.assignments == b.assignments
+    assert a.epsilon_per_user == b.epsilon_per_user
+    for user in ("u1", "u2", "u3"):  # round 2 replayed on resume, not trained and spent again
+        ledgers = [json.loads(DeviceStore(load_run_population(c).user_dir(user),
+                                          c.federation_key).ledger_path.read_text())
+                   for c in (straight, stopped)]
+        assert ledgers[0]["rounds"] == ledgers[1]["rounds"] == 2
+        assert ledgers[0]["history"] == ledgers[1]["history"]
+
+
+def _times_norm_factor(sent: dict, released: dict) -> dict:
+    """client.faults' ``norm`` fault: an update NORM_FACTOR times the real one."""
+    from client.faults import NORM_FACTOR
+
+    return {k: sent[k] + NORM_FACTOR * (v - sent[k]) for k, v in released.items()}
+
+
+FAULT_REASONS = {"nan": "global adapter: NaN or Inf after training",
+                 "inf": "global adapter: NaN or Inf after training",
+                 "shape": "lora_B.weight has shape [33, 4], received [32, 4]",
+                 "names": "global adapter: released tensors differ from those received",
+                 "crash": "injected crash"}
+
+
+@pytest.mark.integration
+def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, monkeypatch):
+    """Under SecAgg+ the server never sees an update, so it cannot reject a faulty one:
+    the faulty client's own secagg layer refuses a malformed or non-finite change (a
+    dropout that SecAgg+ removes from the sum, the round goes on), and clips a finite
+    oversized one to max-update-norm before masking (it is summed, bounded)."""
+    import server.checkpoint
+    from client.faults import fault_schedule, faulty_users
+    from shared.config import FAULT_KINDS
+    from simulations.simulate import simulate
+
+    monkeypatch.setattr(server.checkpoint, "KEEP_SNAPSHOTS", 100)  # every round's state
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=6,
+                       target_epsilon=50.0, secagg_max_weight=32, fault_fraction=0.3,
+                       max_update_norm=2.0)
+    users = ["u1", "u2", "u3"]
+    (faulty,) = faulty_users(users, seed=cfg.seed, fraction=cfg.fault_fraction)
+    kinds = [fault_schedule(users, seed=cfg.seed, fraction=cfg.fault_fraction,
+                            kinds=cfg.fault_kind_list, server_round=r)[faulty]
+             for r in range(1, 7)]
+    assert sorted(kinds) == sorted(FAULT_KINDS)  # one round per kind
+    started = time.monotonic()
+    report = simulate(cfg, final_evaluation=False, client_app=make_client_app(_spy_all))
+    seconds = time.monotonic() - started
+
+    spy = _spied(tmp_path, "run")
+    honest = [u for u in users if u != faulty]
+    rejected = {r["round"]: r for r in report["rejected_updates"]}
+    before, ratios = _initial(cfg), {}
+    for server_round, kind in enumerate(kinds, start=1):
+        entry = report["rounds"][server_round - 1]
+        after = _snapshot(Path(cfg.run_dir), server_round)
+        if kind == "norm":  # finite and well formed: summed, clipped to max-update-norm
+            assert entry["trained_users"] == users and server_round not in rejected
+            assert entry["secure_aggregation"]["summed"] == 3
+            ratios[kind] = _check_round(cfg, before, after, spy, server_round, users,
+                                        corrupt={faulty: _times_norm_factor})
+        else:  # refused on the device: a dropout, and the other two are summed
+            assert entry["trained_users"] == honest, (kind, entry)
+            assert entry["secure_aggregation"]["summed"] == 2
+            assert rejected[server_round]["client"] == faulty
+            assert FAULT_REASONS[kind] in rejected[server_round]["reason"], (kind, rejected)
+            ratios[kind] = _check_round(cfg, before, after, spy, server_round, honest)
+        before = after
+    print(f"\nfaults under secagg: {seconds:.1f}s; faulty {faulty}; max |secagg - plain| / "
+          f"bound per round: {ratios}")
