@@ -36,7 +36,13 @@ from opacus.utils.fast_gradient_clipping_utils import (
 
 from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import GRAD_SAMPLE_MODES
-from shared.lm import EncodedRecords, evaluate_stats, per_record_loss, split_holdout
+from shared.lm import (
+    IGNORE_INDEX,
+    EncodedRecords,
+    evaluate_stats,
+    per_record_loss,
+    split_holdout,
+)
 from shared.privacy import HistoryEntry
 
 
@@ -232,10 +238,7 @@ class UserRound:
     holdout_before: float = float("nan")
     holdout_after: float = float("nan")
     kept: bool = True
-
-    @property
-    def checked(self) -> bool:
-        return math.isfinite(self.holdout_before) or math.isfinite(self.holdout_after)
+    checked: bool = False
 
 
 def train_user_checked(model, data: EncodedRecords, *, holdout_fraction: float, steps: int,
@@ -247,11 +250,11 @@ def train_user_checked(model, data: EncodedRecords, *, holdout_fraction: float, 
     Without the check one user's adapter reached a test perplexity of 799 in the
     default real-model run (the macro mean with the shared levels alone was 160); with
     it the device keeps whichever adapter fits its own unseen lines better, at the
-    cost of training on fewer of them. Below two records nothing can be held out and
-    every adapter is kept.
+    cost of training on fewer of them. With fewer than two records, or held-out
+    records with no token to score, there is nothing to check and every adapter is kept.
     """
     fit, holdout = split_holdout(data, holdout_fraction)
-    if steps == 0 or holdout is None:
+    if steps == 0 or holdout is None or not bool((holdout.labels[:, 1:] != IGNORE_INDEX).any()):
         return UserRound(train_user(model, data, steps=steps, batch_size=batch_size, lr=lr,
                                     scheme=scheme, generator=generator))
     previous = level_state(model, "user")
@@ -262,7 +265,7 @@ def train_user_checked(model, data: EncodedRecords, *, holdout_fraction: float, 
     kept = math.isfinite(after) and not after > before  # a NaN "before" loses to any number
     if not kept:
         load_level(model, "user", previous)
-    return UserRound(loss, before, after, kept)
+    return UserRound(loss, before, after, kept, checked=True)
 
 
 def _holdout_loss(model, holdout: EncodedRecords) -> float:

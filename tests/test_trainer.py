@@ -346,6 +346,21 @@ def test_a_user_adapter_that_hurts_on_held_out_records_is_discarded(model):
     assert model.base_model.active_adapters == list(RELEASED_LEVELS)
 
 
+def test_held_out_records_with_nothing_to_score_check_nothing(model):
+    # Arrange: the last records' prompts fill the whole sequence, so no token is scored
+    long_prompt = Record("unseen", prompt="word " * 100)
+    data = encode_records([Record("to be or not to be")] * 6 + [long_prompt] * 2, tokenizer(),
+                          SEQ_LEN)
+    before = _states(model)
+
+    # Act
+    outcome = _user_round(model, data, lr=0.01)
+
+    # Assert: unchecked, so kept (not discarded on a NaN loss)
+    assert outcome.kept and not outcome.checked
+    assert not _equal(before["user"], level_state(model, "user"))
+
+
 def test_without_a_holdout_every_user_adapter_is_kept(model, data):
     before = _states(model)
 
