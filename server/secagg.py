@@ -112,6 +112,9 @@ class SecureRound:
         self.stages: dict[str, dict] = {}
         self.shares = self.threshold = 0
         self.failure = ""
+        # node -> epsilon its device reported in a halted round: it trained and spent
+        # although nothing was summed, and the report must not understate that
+        self.spent: dict[int, float] = {}
 
     # -- the protocol ------------------------------------------------------------------
     def run(self, messages: Sequence[Message]) -> list[Message]:
@@ -149,6 +152,9 @@ class SecureRound:
             self.members = {}
             if not grid.collected:  # halted before anyone trained
                 return [_error(m, self.failure) for m in messages]
+            self.spent = {req.metadata.dst_node_id: float(_metrics(r)["epsilon"])
+                          for req, r in grid.collected
+                          if not r.has_error() and "epsilon" in _metrics(r)}
             return [r if r.has_error() else _error(req, self.failure)
                     for req, r in grid.collected]
         return [r if r.has_error() else

@@ -261,6 +261,9 @@ def collect_replies(run: Run, replies: list[Message], chosen: list[int], server_
         got.norms.append(float(metrics["update-norm"]))
         got.losses.append((float(metrics.get("train-loss", float("nan"))),
                            update.num_examples))
+    if secure and cfg.dp:  # a halted SecAgg+ round: its devices spent all the same
+        for node, epsilon in secure.spent.items():
+            state.epsilon_per_user[user_name[node]] = epsilon
     for node in chosen:
         if node not in answered:
             reason = "no reply" + (f" ({'; '.join(sorted(set(errors)))})" if errors else "")

@@ -683,3 +683,32 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
         before = after
     print(f"\nfaults under secagg: {seconds:.1f}s; faulty {faulty}; max |secagg - plain| / "
           f"bound per round: {ratios}")
+
+
+@pytest.mark.integration
+def test_a_halted_secagg_round_still_reports_what_the_honest_device_spent(tmp_path):
+    """Two of three clients drop out (NaN): SecAgg+ halts and nothing is applied, but the
+    honest device trained and spent, so the server's privacy report must say so."""
+    from client.faults import faulty_users
+    from client.store import DeviceStore
+    from shared.federation import load_run_population
+    from simulations.simulate import simulate
+
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=1,
+                       target_epsilon=50.0, secagg_max_weight=32, fault_fraction=0.67,
+                       fault_kinds="nan")
+    faulty = faulty_users(["u1", "u2", "u3"], seed=cfg.seed, fraction=cfg.fault_fraction)
+    (honest,) = {"u1", "u2", "u3"} - set(faulty)
+
+    report = simulate(cfg, final_evaluation=False)
+
+    entry = report["rounds"][0]
+    assert entry["accepted"] == 0 and "halted" in entry["secure_aggregation"]["failure"]
+    assert sorted(r["client"] for r in report["rejected_updates"]) == ["u1", "u2", "u3"]
+    ledger = DeviceStore(load_run_population(cfg).user_dir(honest),
+                         cfg.federation_key).load_ledger(target_epsilon=cfg.target_epsilon,
+                                                         target_delta=cfg.target_delta)
+    assert ledger.epsilon > 0
+    assert report["privacy"]["epsilon_per_user"][honest] == pytest.approx(ledger.epsilon)
+    after = load_checkpoint(Path(cfg.run_dir))
+    assert after.round == 1 and states_equal(after.global_state, _initial(cfg).global_state)
