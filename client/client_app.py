@@ -158,22 +158,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     user_dir, user_index = resolve_user(context, cfg)
     user = load_user(user_dir)
     store = DeviceStore(user_dir, cfg.federation_key)
+    device_state = store.load_state()
     persona_index = _persona_index(user, info)
     _load_levels(runtime, msg.content, persona_index, store)
     clusters = cluster_states(msg.content)
     if clusters:  # discovered personas: the user's last choice, else its best fit now
-        persona_index = store.load_state().get("cluster", -1)
+        persona_index = device_state.get("cluster", -1)
         if not 0 <= persona_index < len(clusters):
             persona_index = choose_cluster(runtime, clusters, user, cfg, torch.Generator(),
                                            private=False)
         load_level(runtime.model, "persona", clusters[persona_index])
     records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
     data = encode_records(records, runtime.tokenizer, cfg.seq_len)
-    tally = store.load_state()
     metrics: dict[str, float | int] = {"user-index": user_index, "persona-index": persona_index,
                                         "num-examples": len(records),
-                                        "user-checks": int(tally.get("user-checks", 0)),
-                                        "user-kept": int(tally.get("user-kept", 0))}
+                                        "user-checks": int(device_state.get("user-checks", 0)),
+                                        "user-kept": int(device_state.get("user-kept", 0))}
     for name, levels in EVAL_LEVELS.items():
         if levels:
             activate(runtime.model, levels)

@@ -176,7 +176,8 @@ def test_rounding_seed_is_the_devices_own_and_fixed_by_the_training_inputs(tmp_p
 
 def _spy(msg, context, call_next):
     """Innermost mod: saves what a client received and released in clear (test only:
-    the server never gets this), and the plain message sizes."""
+    the server never gets this; every adapter record, ``persona-<i>`` included), and
+    the plain message sizes, as ``spy/<run>-<round>-<user>.pt`` beside the run."""
     reply = call_next(msg, context)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
         return reply
@@ -187,15 +188,22 @@ def _spy(msg, context, call_next):
     out.mkdir(exist_ok=True)
     states = {f"{side}/{name}": record_to_state(content[name])
               for side, content in (("sent", msg.content), ("released", reply.content))
-              for name in (KEY_GLOBAL, KEY_PERSONA) if name in content.array_records}
+              for name in content.array_records}
     plain = {name: content for name, content in msg.content.items()
              if name != RECORD_KEY_CONFIGS}
     torch.save({"states": states, "metrics": dict(reply.content[KEY_METRICS]),
+                "personas": list(msg.content[KEY_ROUND]["persona-names"]),
                 "node": context.node_id,
                 "bytes_in": recorddict_to_proto(RecordDict(plain)).ByteSize(),
                 "bytes_out": recorddict_to_proto(reply.content).ByteSize()},
-               out / f"{server_round}-{user}.pt")
+               out / f"{Path(cfg.run_dir).name}-{server_round}-{user}.pt")
     return reply
+
+
+def _spied(root: Path, run: str) -> dict[tuple[int, str], dict]:
+    """``(round, user) -> record`` of what :func:`_spy` saved for ``run``."""
+    return {(int(p.stem.split("-")[-2]), p.stem.split("-")[-1]): torch.load(p)
+            for p in sorted((root / "spy").glob(f"{run}-*.pt"))}
 
 
 def _drop_u2_in_round_2(msg, context, call_next):
@@ -207,11 +215,6 @@ def _drop_u2_in_round_2(msg, context, call_next):
             and resolve_user(context, cfg)[0].name == "u2"):
         raise RuntimeError("simulated dropout")
     return reply
-
-
-def _load_spy(root: Path) -> dict[tuple[int, str], dict]:
-    return {(int(p.stem.split("-")[0]), p.stem.split("-")[1]): torch.load(p)
-            for p in sorted((root / "spy").glob("*.pt"))}
 
 
 def _expected_round(spy: dict, server_round: int, users: list[str], cfg: RunConfig,
@@ -273,7 +276,7 @@ def test_secagg_matches_plain_aggregation_and_the_server_sees_only_masked_vector
         server.secagg.reply_observers.clear()
 
     persona_of = {"u1": "a", "u2": "b", "u3": "a"}  # tests.helpers.write_small_population
-    plain_spy, spy = _load_spy(tmp_path / "plain"), _load_spy(tmp_path / "secure")
+    plain_spy, spy = _spied(tmp_path / "plain", "run"), _spied(tmp_path / "secure", "run")
     # Two simulate() runs do not release bit-identical DP updates (their noise differs),
     # so the reference is plain aggregation (apply_round) of the very updates this
     # run's clients released, which the spy kept; the plain run gives the cost.
@@ -363,30 +366,6 @@ def test_secagg_matches_plain_aggregation_and_the_server_sees_only_masked_vector
 
 
 # -- untested combinations: transport dtype, FedAdam, discovered personas, resume, faults ----
-
-def _spy_all(msg, context, call_next):
-    """Like :func:`_spy`, for every adapter record sent (``persona-<i>`` included)."""
-    reply = call_next(msg, context)
-    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
-        return reply
-    cfg = read_run_config(msg.content[KEY_CONFIG])
-    user = resolve_user(context, cfg)[0].name
-    server_round = int(msg.content[KEY_ROUND]["server-round"])
-    out = Path(cfg.run_dir).parent / "spy"
-    out.mkdir(exist_ok=True)
-    states = {f"{side}/{name}": record_to_state(content[name])
-              for side, content in (("sent", msg.content), ("released", reply.content))
-              for name in content.array_records}
-    torch.save({"states": states, "metrics": dict(reply.content[KEY_METRICS]),
-                "personas": list(msg.content[KEY_ROUND]["persona-names"])},
-               out / f"{cfg.run_dir.rsplit('/', 1)[-1]}-{server_round}-{user}.pt")
-    return reply
-
-
-def _spied(root: Path, run: str) -> dict[tuple[int, str], dict]:
-    return {(int(p.stem.split("-")[-2]), p.stem.split("-")[-1]): torch.load(p)
-            for p in sorted((root / "spy").glob(f"{run}-*.pt"))}
-
 
 def _snapshot(run_dir: Path, server_round: int) -> ServerState:
     """The checkpoint of ``server_round`` (the server keeps the last two)."""
@@ -520,7 +499,7 @@ def test_secagg_with_float16_transport_and_fedadam_matches_plain_aggregation(tmp
                        target_epsilon=50.0, secagg_max_weight=32, transport_dtype="float16",
                        server_optimizer="fedadam", server_learning_rate=0.01)
     started = time.monotonic()
-    report = simulate(cfg, final_evaluation=False, client_app=make_client_app(_spy_all))
+    report = simulate(cfg, final_evaluation=False, client_app=make_client_app(_spy))
     seconds = time.monotonic() - started
 
     spy = _spied(tmp_path, "run")
@@ -581,7 +560,7 @@ def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_p
                 "seed": 2}  # round 1's public random start: u1, u3 -> cluster-0, u2 -> 1
     straight = small_config(tmp_path, run_dir=str(tmp_path / "straight"), **settings)
     stopped = small_config(tmp_path, run_dir=str(tmp_path / "stopped"), **settings)
-    app = make_client_app(_spy_all)
+    app = make_client_app(_spy)
     started = time.monotonic()
     simulate(straight, final_evaluation=False, client_app=app)
     server.secagg.reply_observers.append(_stop_in_collect(2))
@@ -659,7 +638,7 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
              for r in range(1, 7)]
     assert sorted(kinds) == sorted(FAULT_KINDS)  # one round per kind
     started = time.monotonic()
-    report = simulate(cfg, final_evaluation=False, client_app=make_client_app(_spy_all))
+    report = simulate(cfg, final_evaluation=False, client_app=make_client_app(_spy))
     seconds = time.monotonic() - started
 
     spy = _spied(tmp_path, "run")
