@@ -13,6 +13,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.budget import loss_noise, round_mechanisms
 from client.discovery import choose_cluster, cluster_states
 from client.faults import inject_faults
 from client.node import resolve_user
@@ -68,24 +69,22 @@ def train(msg: Message, context: Context) -> Message:
     released = store.replayed_reply(int(info["server-round"]), instruction, runtime.lora)
     if released is not None:
         return Message(released, reply_to=msg)
-    ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
+    ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                               accountant=cfg.accountant)
     data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
     clusters = cluster_states(msg.content)
     persona_index = _persona_index(user, info)
     metrics = {"num-examples": len(user.train), "user-index": user_index, "dp": int(cfg.dp),
                "declined": 0}
-    dp = DPSettings(cfg.dp, cfg.noise_multiplier, cfg.max_grad_norm)
-    rate = sample_rate(cfg.batch_size, len(data))
-    # this round's DP-SGD steps plus the one noisy train-loss release ...
-    entries = [(cfg.noise_multiplier, rate, cfg.local_steps + 1)] if cfg.dp else []
+    rate = sample_rate(cfg.batch_size, len(data), cfg.dp_sample_rate)
     # The first discovery round assigns clusters at random (public randomness, like
     # k-means' random-partition start): it costs no privacy and lets the K clusters
     # see different data before anyone chooses by loss.
     random_start = bool(clusters) and int(info["server-round"]) == cfg.discovery_warmup + 1
     private_choice = bool(clusters) and not random_start and cfg.dp and cfg.selection_noise > 0
-    if private_choice:  # ... plus the private persona choice, when personas are discovered
-        entries.append((cfg.selection_noise, 1.0, 1))
-    if entries and not ledger.can_afford(*entries):
+    budget = round_mechanisms(cfg, ledger, rate, private_choice)
+    dp, entries = budget.dp, budget.entries
+    if entries is None or (entries and not ledger.can_afford(*entries)):
         # Declining is itself public; what it reveals is the budget, not the data.
         metrics.update({"declined": 1, "persona-index": persona_index,
                         "epsilon": ledger.epsilon})
@@ -110,9 +109,11 @@ def train(msg: Message, context: Context) -> Message:
     result = train_released(runtime.model, data, steps=cfg.local_steps,
                             batch_size=cfg.batch_size, lr=cfg.learning_rate, dp=dp,
                             scheme=cfg.lora_scheme, generator=generator, levels=levels,
-                            grad_sample_mode=cfg.grad_sample_mode)
-    train_loss, _ = private_mean_loss(runtime.model, data, rate=rate, dp=dp,
-                                      generator=generator)
+                            grad_sample_mode=cfg.grad_sample_mode,
+                            optimizer=cfg.local_optimizer, fixed_rate=cfg.dp_sample_rate)
+    train_loss, _ = private_mean_loss(
+        runtime.model, data, rate=rate, generator=generator,
+        dp=DPSettings(dp.enabled, loss_noise(cfg, budget.noise_multiplier), cfg.max_grad_norm))
     ledger.record(*entries)
     store.save_ledger(ledger)  # spent before anything leaves the device
 
@@ -136,7 +137,8 @@ def train(msg: Message, context: Context) -> Message:
              f"{user_round.holdout_after:.4f}, new user adapter "
              f"{'kept' if user_round.kept else 'discarded'}" if user_round.checked else "")
     metrics.update({"steps": result.steps, "train-loss": train_loss,
-                    "epsilon": ledger.epsilon if cfg.dp else -1.0})
+                    "epsilon": ledger.epsilon if cfg.dp else -1.0,
+                    "noise-multiplier": budget.noise_multiplier})
     reply[KEY_METRICS] = MetricRecord(metrics)
     store.commit_round(Replay(int(info["server-round"]), instruction, reply, user_state),
                        runtime.lora)  # the replay, then the user adapter

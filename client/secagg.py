@@ -34,6 +34,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.node import resolve_user
 from client.replay import NOT_TRAINING_INPUTS, content_digest
+from client.budget import slot_noise_std
 from client.store import device_secret
 from shared.config import RunConfig
 from shared.records import record_to_state
@@ -72,7 +73,9 @@ def _secagg_input(call_next: Callable[[Message, Context], Message]
         cfg = read_run_config(msg.content[KEY_CONFIG])
         metrics = dict(reply.content.metric_records[KEY_METRICS])
         num_slots = len(list(msg.content[KEY_ROUND]["persona-names"]))
-        vector, weight = secagg_input(msg.content, reply.content, metrics, cfg, num_slots)
+        vector, weight = secagg_input(
+            msg.content, reply.content, metrics, cfg, num_slots,
+            noise=np.random.default_rng(slot_noise_seed(msg, context, cfg)))
         np.random.seed(rounding_seed(msg, context, cfg))  # Flower quantizes after we return
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), weight, metrics)
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
@@ -82,15 +85,30 @@ def _secagg_input(call_next: Callable[[Message, Context], Message]
 def rounding_seed(msg: Message, context: Context, cfg: RunConfig) -> np.ndarray:
     """256 bits for Flower's stochastic rounding: secret to the device, the same for the
     same training inputs (a resent round, or the same round of an uninterrupted run)."""
+    return _private_seed(b"secagg-rounding:", msg, context, cfg)
+
+
+def slot_noise_seed(msg: Message, context: Context, cfg: RunConfig) -> np.ndarray:
+    """256 bits for the distributed-DP noise on the persona slots the device did not
+    train: secret to the device (the server must not regenerate and subtract it)."""
+    return _private_seed(b"secagg-slot-noise:", msg, context, cfg)
+
+
+def _private_seed(purpose: bytes, msg: Message, context: Context, cfg: RunConfig) -> np.ndarray:
     inputs = content_digest(msg.content, config_ignore=NOT_TRAINING_INPUTS)
     secret = device_secret(resolve_user(context, cfg)[0])
-    digest = hashlib.sha256(b"secagg-rounding:" + secret + inputs.encode()).digest()
+    digest = hashlib.sha256(purpose + secret + inputs.encode()).digest()
     return np.frombuffer(digest, dtype=np.uint32)
 
 
 def secagg_input(sent: RecordDict, reply: RecordDict, metrics: dict, cfg: RunConfig,
-                 num_slots: int) -> tuple[list[np.ndarray], int]:
-    """The vector to mask and its weight (examples; 0 when the client declined)."""
+                 num_slots: int, noise: np.random.Generator | None = None
+                 ) -> tuple[list[np.ndarray], int]:
+    """The vector to mask and its weight (examples; 0 when the client declined).
+
+    Under distributed DP every persona slot the client did not train gets its noise
+    share from ``noise`` (:func:`client.budget.slot_noise_std`): a persona's sum then
+    carries the noise of every surviving client, not only of its members."""
     sent_global = _numpy(sent.array_records[KEY_GLOBAL])
     zeros = {k: np.zeros_like(v) for k, v in sent_global.items()}
     if int(metrics.get("declined", 0)):
@@ -110,7 +128,32 @@ def secagg_input(sent: RecordDict, reply: RecordDict, metrics: dict, cfg: RunCon
             raise ValueError(f"trained persona {slot}, but the server sent no such adapter")
         persona_change = _change(reply.array_records[KEY_PERSONA], _numpy(sent_persona), cfg,
                                  f"persona {slot}")
-    return pack(global_change, persona_change, slot, num_slots), weight
+    vector = pack(global_change, persona_change, slot, num_slots)
+    if cfg.distributed_dp:
+        _add_slot_noise(vector, len(global_change), slot, cfg, metrics, noise)
+    return vector, weight
+
+
+# a client's noise share stays within the quantizer's range with this many std (per
+# coordinate, the chance to exceed it is below 1e-15): clipping it would remove noise
+NOISE_RANGE_STDS = 8.0
+
+
+def _add_slot_noise(vector: list[np.ndarray], per_part: int, slot: int, cfg: RunConfig,
+                    metrics: dict, noise: np.random.Generator | None) -> None:
+    if noise is None:
+        raise ValueError("distributed DP needs a private generator for the slot noise")
+    std = slot_noise_std(cfg, float(metrics["noise-multiplier"]), int(metrics["num-examples"]))
+    # public values only: the largest signal (one SGD step of a clipped mean) plus the noise
+    reach = cfg.learning_rate * cfg.max_grad_norm + NOISE_RANGE_STDS * std
+    if reach > cfg.secagg_clipping_range:
+        raise ValueError(f"distributed DP: a change may reach {reach:.3g} per coordinate, "
+                         f"beyond secagg-clipping-range {cfg.secagg_clipping_range:g}, whose "
+                         "clipping would remove noise; raise the range")
+    for index in range(per_part, len(vector)):
+        if (index // per_part) - 1 != slot:  # not the global part, not the trained slot
+            vector[index] = vector[index] + noise.normal(
+                0.0, std, vector[index].shape).astype(np.float32)
 
 
 def _change(released, sent: dict[str, np.ndarray], cfg: RunConfig,

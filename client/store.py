@@ -62,11 +62,14 @@ class DeviceStore:
     def user_adapter_path(self) -> Path:
         return self.root / "user_adapter"
 
-    def load_ledger(self, *, target_epsilon: float, target_delta: float) -> PrivacyLedger:
+    def load_ledger(self, *, target_epsilon: float, target_delta: float,
+                    accountant: str = "rdp") -> PrivacyLedger:
         """The user's ledger; a fresh one on first use. The budget may be tightened,
-        but delta must not change: the history was accounted at it."""
+        but delta must not change: the history was accounted at it. The accountant
+        may change: RDP and PRV are both sound bounds on the same history."""
         if not self.ledger_path.is_file():
-            return PrivacyLedger(target_epsilon=target_epsilon, target_delta=target_delta)
+            return PrivacyLedger(target_epsilon=target_epsilon, target_delta=target_delta,
+                                 accountant=accountant)
         try:
             ledger = PrivacyLedger.from_json(json.loads(self.ledger_path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
@@ -76,6 +79,7 @@ class DeviceStore:
             raise LedgerError(f"{self.ledger_path}: ledger is at delta={ledger.target_delta}, "
                               f"run asks delta={target_delta}")
         ledger.target_epsilon = min(ledger.target_epsilon, target_epsilon)
+        ledger.accountant = accountant
         return ledger
 
     def save_ledger(self, ledger: PrivacyLedger) -> None:

@@ -3,9 +3,13 @@
 Privacy invariant (the order is the guarantee):
 1. The released levels (global + persona) train with Opacus DP-SGD (Abadi et al.,
    "Deep Learning with Differential Privacy", 2016): Poisson sampling at rate
-   ``q = batch_size / n``, per-record clipping to ``max_grad_norm``, Gaussian noise
-   ``noise_multiplier * max_grad_norm``. The user adapter is *inactive* during
-   these steps, so nothing non-private about the data enters them.
+   ``q`` (``batch_size / n``, or a fixed ``dp-sample-rate``), per-record clipping to
+   ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``. The user
+   adapter is *inactive* during these steps, so nothing non-private about the data
+   enters them. The noisy gradient feeds plain SGD or Adam: with SGD the noise of
+   successive steps and of the round's clients averages out in the server's mean;
+   Adam divides every coordinate by its own noisy scale, so under heavy noise it
+   moves each coordinate by about the learning rate whatever the signal.
 2. The step is written to the privacy ledger before anything may leave.
 3. Only then does the user adapter train (without DP: it never leaves the device)
    on top of the frozen released levels. It is kept only if it does not raise the
@@ -35,7 +39,7 @@ from opacus.utils.fast_gradient_clipping_utils import (
 )
 
 from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
-from shared.config import GRAD_SAMPLE_MODES
+from shared.config import GRAD_SAMPLE_MODES, LOCAL_OPTIMIZERS
 from shared.lm import (
     IGNORE_INDEX,
     EncodedRecords,
@@ -66,7 +70,11 @@ class LocalResult:
     user_loss: float
 
 
-def sample_rate(batch_size: int, num_records: int) -> float:
+def sample_rate(batch_size: int, num_records: int, fixed_rate: float = 0.0) -> float:
+    """The Poisson rate of the DP-SGD batches: ``fixed_rate`` when set (every user then
+    pays the same epsilon per step), else ``batch_size / num_records`` (capped at 1)."""
+    if fixed_rate:
+        return fixed_rate
     return min(1.0, batch_size / max(num_records, 1))
 
 
@@ -75,6 +83,9 @@ def poisson_batch(num_records: int, rate: float, generator: torch.Generator) -> 
     return torch.nonzero(torch.rand(num_records, generator=generator) < rate).flatten()
 
 
+
+
+MICRO_BATCH = 16  # records per forward/backward pass within one (possibly large) step
 
 
 class ReleasedOptimizer:
@@ -93,47 +104,71 @@ class ReleasedOptimizer:
     chosen (opacus#820): wrapping registers hooks on what requires grad now.
     """
 
-    def __init__(self, model, params, *, lr: float, dp: DPSettings, batch_size: int,
-                 generator: torch.Generator, grad_sample_mode: str = "hooks"):
+    def __init__(self, model, params, *, lr: float, dp: DPSettings, batch_size: float,
+                 generator: torch.Generator, grad_sample_mode: str = "hooks",
+                 optimizer: str = "adam"):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
                              f"got {grad_sample_mode!r}")
+        if optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {LOCAL_OPTIMIZERS}, got {optimizer!r}")
+        # batch_size: the expected Poisson batch q n (it divides the noisy sum), may be fractional
         self.params, self.dp, self.batch_size = params, dp, batch_size
         self.ghost = dp.enabled and grad_sample_mode == "ghost"
         self.generator = generator
-        adam = torch.optim.Adam(params, lr=lr)
+        inner = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd"
+                 else torch.optim.Adam(params, lr=lr))
         if not dp.enabled:
-            self.module, self.optimizer = model, adam
+            self.module, self.optimizer = model, inner
         elif self.ghost:
             self.module = GradSampleModuleFastGradientClipping(
                 model, loss_reduction="mean", max_grad_norm=dp.max_grad_norm,
                 use_ghost_clipping=True)
             self.optimizer = DPOptimizerFastGradientClipping(
-                adam, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                inner, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                 expected_batch_size=batch_size, loss_reduction="mean", generator=generator)
         else:
             self.module = GradSampleModule(model, loss_reduction="mean")
-            self.optimizer = DPOptimizer(adam, noise_multiplier=dp.noise_multiplier,
+            self.optimizer = DPOptimizer(inner, noise_multiplier=dp.noise_multiplier,
                                          max_grad_norm=dp.max_grad_norm,
                                          expected_batch_size=batch_size, generator=generator)
 
     def step(self, batch: EncodedRecords) -> float:
-        """One step on ``batch`` (an empty DP batch is a noise-only step); its mean loss."""
+        """One step on ``batch`` (an empty DP batch is a noise-only step); its mean loss.
+
+        A large batch is processed ``MICRO_BATCH`` records at a time (memory): with
+        Opacus hooks each part's per-record gradients are clipped and summed into the
+        same step (Opacus's skipped steps, as in its ``BatchMemoryManager``), and the
+        noise is added once, on the whole sum. Ghost clipping takes the batch whole."""
         self.optimizer.zero_grad()
         if len(batch) == 0:
             _noise_only_step(self.optimizer, self.params, self.dp, self.batch_size,
                              self.generator)
             return float("nan")
-        losses = per_record_loss(self.module, batch)  # (B,)
         if self.ghost:
+            losses = per_record_loss(self.module, batch)  # (B,)
             loss = DPTensorFastGradientClipping(self.module, self.optimizer, losses, "mean")
-        else:
-            loss = losses.mean()
-        loss.backward()
-        if self.dp.enabled:
-            _check_per_sample(self.params, len(batch), ghost=self.ghost)
+            loss.backward()
+            _check_per_sample(self.params, len(batch), ghost=True)
+            self.optimizer.step()
+            return float(loss.item())
+        parts = torch.arange(len(batch)).split(MICRO_BATCH)
+        total = 0.0
+        for i, index in enumerate(parts):
+            part = batch.select(index)
+            losses = per_record_loss(self.module, part)  # (b,)
+            total += float(losses.detach().sum())
+            if self.dp.enabled:
+                losses.mean().backward()  # Opacus rescales each record's gradient back
+                _check_per_sample(self.params, len(part), ghost=False)
+                if i < len(parts) - 1:  # clip and accumulate this part; no noise, no step
+                    self.optimizer.signal_skip_step(do_skip=True)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+            else:
+                (losses.sum() / len(batch)).backward()  # the batch mean, accumulated
         self.optimizer.step()
-        return float(loss.item())
+        return total / len(batch)
 
     def close(self) -> None:
         """Remove Opacus's hooks: the model is a plain peft model again."""
@@ -145,31 +180,38 @@ class ReleasedOptimizer:
 def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,
                    dp: DPSettings, scheme: str, generator: torch.Generator,
                    levels: tuple[str, ...] = RELEASED_LEVELS,
-                   grad_sample_mode: str = "hooks") -> LocalResult:
+                   grad_sample_mode: str = "hooks", optimizer: str = "adam",
+                   fixed_rate: float = 0.0) -> LocalResult:
     """DP-SGD on ``levels`` (global + persona) with the user adapter inactive; the model is
-    unwrapped after. The local-only baseline passes ``levels=("global",)``."""
+    unwrapped after. The local-only baseline passes ``levels=("global",)``.
+
+    Batches are Poisson at :func:`sample_rate` (``fixed_rate``, else ``batch_size / n``);
+    without DP, ``q n`` records drawn without replacement."""
     if "user" in levels:
         raise ValueError("the user adapter never trains with the released levels")
     params = activate(model, levels, train=levels, scheme=scheme)
     if not params:
         raise DPTrainingError("no trainable adapter parameters: check lora-targets")
     before = {level: level_state(model, level, scheme=scheme) for level in levels}
-    rate = sample_rate(batch_size, len(data))
+    rate = sample_rate(batch_size, len(data), fixed_rate)
+    expected_batch = rate * len(data) if fixed_rate else batch_size
     losses = []
     model.train()
-    optimizer = ReleasedOptimizer(model, params, lr=lr, dp=dp, batch_size=batch_size,
-                                  generator=generator, grad_sample_mode=grad_sample_mode)
+    step_optimizer = ReleasedOptimizer(model, params, lr=lr, dp=dp, batch_size=expected_batch,
+                                       generator=generator, grad_sample_mode=grad_sample_mode,
+                                       optimizer=optimizer)
     try:
         for _ in range(steps):
             if dp.enabled:
                 index = poisson_batch(len(data), rate, generator)
             else:
-                index = torch.randperm(len(data), generator=generator)[:batch_size]
-            loss = optimizer.step(data.select(index))
+                index = torch.randperm(len(data), generator=generator)[
+                    :max(1, round(expected_batch))]
+            loss = step_optimizer.step(data.select(index))
             if len(index):
                 losses.append(loss)
     finally:
-        optimizer.close()
+        step_optimizer.close()
         model.eval()
     for level in levels:
         _check_moved(before[level], level_state(model, level, scheme=scheme), level)
@@ -197,12 +239,18 @@ def private_mean_loss(model, data: EncodedRecords, *, rate: float, dp: DPSetting
     activate(model, RELEASED_LEVELS)
     if not dp.enabled:
         index = torch.randperm(len(data), generator=generator)[:max(1, round(rate * len(data)))]
-        return float(per_record_loss(model, data.select(index)).mean()), None
+        return float(_record_losses(model, data.select(index)).mean()), None
     index = poisson_batch(len(data), rate, generator)
-    total = float(per_record_loss(model, data.select(index)).clamp(0, LOSS_CLIP).sum()) \
+    total = float(_record_losses(model, data.select(index)).clamp(0, LOSS_CLIP).sum()) \
         if len(index) else 0.0
     noise = float(torch.normal(0.0, dp.noise_multiplier * LOSS_CLIP, (1,), generator=generator))
     return (total + noise) / (rate * len(data)), (dp.noise_multiplier, rate, 1)
+
+
+def _record_losses(model, data: EncodedRecords) -> torch.Tensor:
+    """``(N,)`` per-record losses, ``MICRO_BATCH`` records at a time (memory)."""
+    return torch.cat([per_record_loss(model, data.select(index))
+                      for index in torch.arange(len(data)).split(MICRO_BATCH)])
 
 
 def train_user(model, data: EncodedRecords, *, steps: int, batch_size: int, lr: float,

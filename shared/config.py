@@ -21,6 +21,8 @@ SERVER_OPTIMIZERS = ("fedavg", "fedadam")
 DTYPES = ("float32", "bfloat16")
 # bfloat16 is not among them: Flower's Array goes through numpy, which has no bfloat16
 TRANSPORT_DTYPES = ("float32", "float16")
+LOCAL_OPTIMIZERS = ("sgd", "adam")  # the released levels' optimizer on the device
+ACCOUNTANTS = ("rdp", "prv")  # shared.privacy computes both
 GRAD_SAMPLE_MODES = ("hooks", "ghost")  # Opacus per-record clipping (client.trainer)
 AGGREGATIONS = ("mean", "trimmed-mean")  # shared.robust implements them
 FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # client.faults injects them
@@ -63,6 +65,9 @@ class RunConfig:
     batch_size: int = 8  # expected (Poisson) batch size
     seq_len: int = 64
     learning_rate: float = 0.02
+    # the noisy steps' optimizer: "sgd" lets the noise average out across steps and
+    # clients; "adam" normalises every coordinate, noise included
+    local_optimizer: str = "adam"
     user_learning_rate: float = 0.002
     # last share of a user's training records that decides, on the device, whether a
     # newly trained user adapter is kept (it must not raise their loss); 0 keeps every one
@@ -76,6 +81,13 @@ class RunConfig:
     dp: bool = True
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
+    # Poisson rate of the DP-SGD batches; 0 = batch-size / records (the user's own rate)
+    dp_sample_rate: float = 0.0
+    # rounds a device plans its budget for: each time it trains it picks the smallest
+    # noise multiplier that leaves enough for the rest; 0 = noise-multiplier, fixed
+    planned_rounds: int = 0
+    loss_noise_multiplier: float = 0.0  # the noisy train-loss release; 0 = noise-multiplier
+    accountant: str = "rdp"  # "rdp" or "prv" (tighter, sound): what the budget is enforced with
     grad_sample_mode: str = "hooks"  # Opacus per-record clipping: "hooks" or "ghost" clipping
     target_epsilon: float = 8.0  # per-user budget; a client refuses a round that would pass it
     target_delta: float = 1e-5
@@ -103,6 +115,10 @@ class RunConfig:
     secagg_clipping_range: float = 1.0  # each coordinate of a change is clipped to +-this
     secagg_quantization_range: int = 4194304  # 2**22 integer levels over the clipping range
     secagg_max_weight: int = 1024  # most examples a client may weigh (a power of two: exact)
+    # distributed DP under SecAgg+: each client adds noise std sigma / sqrt(t) (t: the
+    # reconstruction threshold, the fewest clients whose sum can be unmasked), so the sum
+    # carries the full sigma; needs one SGD step a round at a fixed dp-sample-rate
+    distributed_dp: bool = False
     # -- deployment (real SuperNodes; the server holds no user data) ---------------------
     persona_names: str = ""  # comma-separated personas; "" = the population's (simulation)
     min_clients: int = 0  # clients to wait for before round 1; 0 = the simulation's users
@@ -114,6 +130,7 @@ class RunConfig:
     dtype: str = "float32"
     transport_dtype: str = "float32"  # adapters on the wire (both ways): "float32" or "float16"
     eval_max_records: int = 16  # test records per user used in evaluation
+    round_eval_users: int = 8  # users evaluated after every round (the same each round); 0 = off
 
     def __post_init__(self) -> None:
         if self.personas.startswith(DISCOVERED_PREFIX):
@@ -132,13 +149,21 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
         _check_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _check_choice("local-optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
+        _check_choice("accountant", self.accountant, ACCOUNTANTS)
+        if not 0.0 <= self.dp_sample_rate <= 1.0:
+            raise ConfigError(f"dp-sample-rate must be in [0, 1] (0 = batch-size / records), "
+                              f"got {self.dp_sample_rate}")
+        if not (self.loss_noise_multiplier >= 0 and math.isfinite(self.loss_noise_multiplier)):
+            raise ConfigError(f"loss-noise-multiplier must be a finite number >= 0, got "
+                              f"{self.loss_noise_multiplier}")
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("min_records", "num_rounds", "clients_per_round", "batch_size",
                      "seq_len", "lora_rank", "local_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("max_users", "user_steps", "eval_max_records", "discovery_warmup",
-                     "min_clients"):
+                     "min_clients", "planned_rounds", "round_eval_users"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -205,6 +230,10 @@ class RunConfig:
         if self.secagg_max_weight < 1:
             raise ConfigError(f"secagg-max-weight must be >= 1, got {self.secagg_max_weight}")
         if not self.secagg:
+            if self.distributed_dp:
+                raise ConfigError("distributed-dp needs secagg = true: without secure "
+                                  "aggregation the server sees each client's update, which "
+                                  "carries only a share of the noise")
             return
         # the masked sum of every client's quantized vector must stay below the modulus
         if self.clients_per_round * self.secagg_quantization_range >= 2**32:
@@ -218,6 +247,23 @@ class RunConfig:
         if self.central_dp:
             raise ConfigError("secagg with central-dp is not supported: central DP clips each "
                               "client's update on the server, which secure aggregation hides")
+        self._check_distributed_dp()
+
+    def _check_distributed_dp(self) -> None:
+        """Distributed DP is DP-SGD over the round's pooled batch only when each client's
+        masked change is one noisy SGD step at a common Poisson rate: then the
+        example-weighted sum is the pooled clipped sum plus every survivor's noise share."""
+        needs = {"dp = true": self.dp, "secagg = true": self.secagg,
+                 "local-steps = 1": self.local_steps == 1,
+                 "local-optimizer = sgd": self.local_optimizer == "sgd",
+                 "dp-sample-rate > 0": self.dp_sample_rate > 0,
+                 "secagg-reconstruction-threshold set (>= 2)":
+                     self.secagg_reconstruction_threshold >= 2,
+                 "max-update-norm = 0 (scaling a change would scale its noise)":
+                     self.max_update_norm == 0}
+        missing = [name for name, ok in needs.items() if not ok]
+        if self.distributed_dp and missing:
+            raise ConfigError(f"distributed-dp needs {', '.join(missing)}")
 
     def _check_robustness(self) -> None:
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)

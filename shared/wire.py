@@ -35,7 +35,8 @@ STAT_NAMES = ("nll-sum", "correct", "tokens")
 REPLY_METRICS: dict[str, frozenset[str]] = {
     "query": frozenset({"persona-index", "num-examples", "user-index"}),
     "train": frozenset({"num-examples", "user-index", "dp", "declined", "persona-index",
-                        "epsilon", "steps", "train-loss", "selection-private"}),
+                        "epsilon", "steps", "train-loss", "selection-private",
+                        "noise-multiplier"}),
     "evaluate": frozenset({"user-index", "persona-index", "num-examples", "user-checks",
                            "user-kept"} | {
         f"{level}/{stat}" for level in EVAL_LEVELS for stat in STAT_NAMES}),

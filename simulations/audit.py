@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from client.budget import round_mechanisms
 from client.ledger_audit import LedgerFinding, audit_ledger
 from client.store import DeviceStore
 from client.trainer import sample_rate
@@ -81,27 +82,26 @@ def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict
                    "epsilon": 0.0, "rounds": 0}
         else:
             raw = json.loads(store.ledger_path.read_text())
-        records = len(load_user(user_dir).train)
-        train_entry = (cfg.noise_multiplier, sample_rate(cfg.batch_size, records),
-                       cfg.local_steps + 1)
-        extra = [(cfg.selection_noise, 1.0, 1)] if cfg.discovered_k and cfg.selection_noise \
-            else []
+        rate = sample_rate(cfg.batch_size, len(load_user(user_dir).train), cfg.dp_sample_rate)
+
+        def plan(ledger, private_choice, rate=rate):
+            return round_mechanisms(cfg, ledger, rate, private_choice and bool(
+                cfg.discovered_k and cfg.selection_noise)).entries
         # the server names deployed devices by node id: its counts then match no user id
-        finding = audit_ledger(raw, user_id=user_id, train_entry=train_entry,
-                               extra_entries=extra,
+        finding = audit_ledger(raw, user_id=user_id, plan=plan,
                                trained_rounds=trained.get(user_id, 0) if cfg.dp else 0,
                                server_epsilon=reported.get(user_id))
         if not cfg.dp and raw["history"]:
             finding.problems.append("a run without DP accounted DP steps")
         findings.append(finding)
     problems = [f"{f.user_id}: {p}" for f in findings for p in f.problems]
-    eps = [f.rdp_epsilon for f in findings]
+    eps = [f.epsilon for f in findings]
     return {"check": "ledger", "run_dir": str(run_dir), "dp": cfg.dp, "passed": not problems,
             "users": len(findings), "epsilon_max": max(eps, default=0.0),
             "prv_epsilon_max": max((f.prv_epsilon or 0.0 for f in findings), default=0.0),
             "target_epsilon": cfg.target_epsilon, "delta": cfg.target_delta,
             "over_budget": [f.user_id for f in findings
-                            if f.rdp_epsilon > f.target_epsilon * (1 + 1e-6)],
+                            if f.epsilon > f.target_epsilon * (1 + 1e-6)],
             "problems": problems, "per_user": [f.__dict__ for f in findings]}
 
 
@@ -259,7 +259,7 @@ def render(results: dict[str, dict[str, dict]]) -> str:
     if "ledger" in results:
         parts.append("### Ledger\n\n" + markdown_table([
             {"run": run, "passed": r["passed"], "devices": r["users"],
-             "epsilon max (RDP)": r["epsilon_max"], "epsilon max (PRV)": r["prv_epsilon_max"],
+             "epsilon max (ledger's accountant)": r["epsilon_max"], "epsilon max (PRV)": r["prv_epsilon_max"],
              "budget": r["target_epsilon"], "over budget": len(r["over_budget"])}
             for run, r in results["ledger"].items()]))
     if "wire" in results:

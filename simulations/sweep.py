@@ -1,8 +1,10 @@
 """``fedpersona sweep``: the same simulation at several privacy budgets, one table and plot.
 
-For each finite budget the noise multiplier is calibrated (bisection on the
-RDP accountant's epsilon) so that the user with the fewest records can
-take part in its expected number of rounds within the budget; ``inf`` runs
+For each finite budget the noise multiplier is calibrated. With ``planned-rounds``
+(the default) each device calibrates its own, every round, from the budget and
+its history (:mod:`client.budget`), so the sweep only sets the budget. Without it
+the sweep bisects the run's accountant so that the user with the fewest records
+can take part in its expected number of rounds within the budget. ``inf`` runs
 without DP. Everything else is identical across the runs.
 """
 
@@ -43,9 +45,11 @@ def calibrated_config(cfg: RunConfig, budget: float) -> RunConfig:
     """
     if math.isinf(budget):
         return cfg.replace(dp=False, target_epsilon=float("inf"))
+    if cfg.planned_rounds:
+        return cfg.replace(dp=True, target_epsilon=budget)
     users = training_users(load_run_population(cfg), cfg)
     smallest = min(u.num_train for u in users)
-    rate = min(1.0, cfg.batch_size / smallest)
+    rate = cfg.dp_sample_rate or min(1.0, cfg.batch_size / smallest)
     rounds = expected_participations(cfg, len(users))
     choosing = max(0, cfg.num_rounds - cfg.discovery_warmup - 1)  # rounds with a private choice
     choices = math.ceil(choosing * min(cfg.clients_per_round, len(users)) / len(users))
@@ -54,8 +58,9 @@ def calibrated_config(cfg: RunConfig, budget: float) -> RunConfig:
     target = budget * 0.98
 
     def spent(sigma: float) -> float:
-        return accounted_epsilon([(sigma, rate, rounds * (cfg.local_steps + 1)), *fixed],
-                                 delta=cfg.target_delta)
+        loss = cfg.loss_noise_multiplier or sigma
+        return accounted_epsilon([(sigma, rate, rounds * cfg.local_steps), (loss, rate, rounds),
+                                  *fixed], delta=cfg.target_delta, accountant=cfg.accountant)
 
     low, high = 0.1, 1000.0
     if spent(high) > target:
@@ -70,9 +75,11 @@ def calibrated_config(cfg: RunConfig, budget: float) -> RunConfig:
 def sweep_rows(reports: dict[float, dict]) -> list[dict]:
     rows = []
     for epsilon, report in sorted(reports.items()):
+        config = report["config"]
         row = {"epsilon": epsilon,
-               "noise multiplier": report["config"]["noise-multiplier"]
-               if report["config"]["dp"] else 0.0,
+               "noise multiplier": ("calibrated per device" if config["dp"] and
+                                    config.get("planned-rounds") else
+                                    config["noise-multiplier"] if config["dp"] else 0.0),
                "epsilon spent (max)": report["privacy"]["epsilon_max"]
                if report["privacy"]["dp"] else float("inf")}
         row.update({level: report["levels"][level]["perplexity"] for level in EVAL_LEVELS})
@@ -90,7 +97,9 @@ def run_sweep_command(out: Path, epsilons_text: str, settings: list[str]) -> int
     for epsilon in epsilons:
         name = "eps-inf" if math.isinf(epsilon) else f"eps-{epsilon:g}"
         cfg = calibrated_config(base.replace(run_dir=str((out / name).resolve())), epsilon)
-        print(f"== {name}: dp={cfg.dp} noise-multiplier={cfg.noise_multiplier:.3f}")
+        print(f"== {name}: dp={cfg.dp} " + ("noise multiplier calibrated on each device"
+                                             if cfg.planned_rounds and cfg.dp else
+                                             f"noise-multiplier={cfg.noise_multiplier:.3f}"))
         reports[epsilon] = simulate(cfg, final_evaluation=False)
     rows = sweep_rows(reports)
     plot_privacy_utility(rows, out / "privacy_utility.png")

@@ -143,9 +143,11 @@ def test_train_without_dp_reports_no_epsilon(tmp_path):
 
 # What may leave the device beside the DP-trained adapters: public counts and settings,
 # and the accountant's epsilon (threat model: "everything that leaves a device is computed
-# only from DP-SGD steps and public values").
+# only from DP-SGD steps and public values"). The noise multiplier is a function of the
+# settings and the ledger's history (client.budget), public like the epsilon.
 PUBLIC_TRAIN_METRICS = {"num-examples", "persona-index", "user-index", "dp", "declined",
-                        "steps", "epsilon", "train-loss"}  # train-loss: noisy and accounted
+                        "steps", "epsilon", "train-loss",  # train-loss: noisy and accounted
+                        "noise-multiplier"}
 
 
 def test_train_metrics_hold_only_public_values(trained):
@@ -189,7 +191,7 @@ def test_the_user_adapter_is_checked_on_held_out_lines_and_the_check_stays_on_de
     # simulation's measurement, like its test losses) reports the device's tally
     assert set(reply.content.metric_records[KEY_METRICS]) == {
         "num-examples", "user-index", "dp", "declined", "persona-index", "steps",
-        "train-loss", "epsilon"}
+        "train-loss", "epsilon", "noise-multiplier"}
     state = initial_server_state(cfg)
     scores = evaluate(round_message(cfg, state, "a", MessageType.EVALUATE), node_context(0))
     metrics = scores.content.metric_records[KEY_METRICS]

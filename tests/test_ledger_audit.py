@@ -86,3 +86,42 @@ def test_an_empty_ledger_is_zero_and_an_unlimited_budget_is_never_over():
     finding = audit_ledger(raw, user_id="u", train_entry=ENTRY)
 
     assert finding.ok and finding.rdp_epsilon == 0.0 and finding.target_epsilon == float("inf")
+
+
+def _planned_ledger(cfg, rounds: int) -> PrivacyLedger:
+    """A device's ledger after ``rounds`` rounds with a calibrated noise multiplier."""
+    from client.budget import round_mechanisms
+
+    ledger = PrivacyLedger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                           accountant=cfg.accountant)
+    for _ in range(rounds):
+        ledger.record(*round_mechanisms(cfg, ledger, 1.0, private_choice=False).entries)
+    return ledger
+
+
+def test_a_calibrated_ledger_is_replayed_and_a_rosier_one_is_caught():
+    # Arrange: noise calibrated for 3 planned rounds at q = 1, PRV, a cheaper loss release
+    from client.budget import round_mechanisms
+    from shared.config import RunConfig
+
+    cfg = RunConfig(planned_rounds=3, dp_sample_rate=1.0, local_steps=1,
+                    loss_noise_multiplier=8.0, accountant="prv")
+    ledger = _planned_ledger(cfg, 3)
+    raw = ledger.to_json()
+    tampered = {**raw, "history": [[s * 1.5, q, n] if i == 0 else [s, q, n]
+                                   for i, (s, q, n) in enumerate(raw["history"])]}
+    tampered["epsilon"] = PrivacyLedger.from_json(tampered).epsilon
+
+    def plan(state, private_choice):
+        return round_mechanisms(cfg, state, 1.0, private_choice).entries
+
+    # Act
+    honest = audit_ledger(raw, user_id="u", plan=plan, trained_rounds=3)
+    rosier = audit_ledger(tampered, user_id="u", plan=plan, trained_rounds=3)
+
+    # Assert: three rounds spend the budget to within the calibration's tolerance
+    assert honest.ok, honest.problems
+    assert honest.train_entries == 3 and 7.9 < honest.epsilon <= 8.0
+    assert honest.epsilon < honest.rdp_epsilon  # enforced with PRV, RDP kept beside it
+    assert not rosier.ok
+    assert any("is not what this run accounts" in p for p in rosier.problems)

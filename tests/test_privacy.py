@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from shared.privacy import PrivacyLedger, epsilon
+from shared.privacy import PRV_EPS_ERROR, PrivacyLedger, calibrate_noise, epsilon, round_entries
 
 DELTA = 1e-5
 
@@ -153,3 +153,106 @@ def test_json_round_trip():
     assert raw["history"] == [[1.2, 0.05, 40], [0.9, 0.1, 10]]
     assert raw["epsilon"] == pytest.approx(ledger.epsilon, rel=1e-12)
     assert math.isfinite(back.epsilon) and back.epsilon > 0
+
+
+# -- the PRV accountant, the round's entries and the calibrated noise ----------------------
+
+def _exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """The exact epsilon of ``steps`` full-batch Gaussian mechanisms (sensitivity 1, noise
+    ``sigma``): one Gaussian with mu = sqrt(steps) / sigma, whose privacy profile is
+    delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle and Wang, "Improving
+    the Gaussian Mechanism for Differential Privacy", ICML 2018)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    mu = math.sqrt(steps) / sigma
+
+    def excess(eps: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+
+    return brentq(excess, 0.0, 100.0)
+
+
+@pytest.mark.parametrize(("sigma", "steps"), [(1.0, 1), (0.85, 2), (1.36, 5), (2.0, 3)])
+def test_prv_is_a_tight_upper_bound_on_the_exact_full_batch_epsilon(sigma, steps):
+    # Arrange: at q = 1 the composition has a closed form to compare with
+    exact = _exact_gaussian_epsilon(sigma, steps, DELTA)
+
+    # Act
+    prv = epsilon([(sigma, 1.0, steps)], delta=DELTA, accountant="prv")
+    rdp = epsilon([(sigma, 1.0, steps)], delta=DELTA, accountant="rdp")
+
+    # Assert: PRV is sound (never below the truth) and within its stated error of it; RDP
+    # is sound and looser
+    assert exact <= prv <= exact + 2 * PRV_EPS_ERROR
+    assert rdp > prv
+
+
+@pytest.mark.parametrize(("history", "pinned_prv"), [
+    ([(1.5, 0.04, 2250)], 6.7791), ([(1.0, 0.16, 30)], 6.4506)])
+def test_prv_pinned_values_and_within_the_stated_tolerance_below_rdp(history, pinned_prv):
+    # Act
+    prv = epsilon(history, delta=DELTA, accountant="prv")
+    rdp = epsilon(history, delta=DELTA, accountant="rdp")
+
+    # Assert: pinned, and the stated tolerance: PRV at most RDP, and at least 80% of it
+    assert prv == pytest.approx(pinned_prv, abs=1e-3)
+    assert 0.8 * rdp <= prv <= rdp
+
+
+def test_round_entries_merge_the_loss_release_when_it_has_the_same_noise():
+    same = round_entries(noise_multiplier=1.2, sample_rate=1.0, steps=1,
+                         loss_noise_multiplier=1.2)
+    apart = round_entries(noise_multiplier=1.2, sample_rate=1.0, steps=1,
+                          loss_noise_multiplier=8.0, selection_noise=1.0)
+
+    assert same == [(1.2, 1.0, 2)]
+    assert apart == [(1.2, 1.0, 1), (8.0, 1.0, 1), (1.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibrated_noise_is_the_smallest_that_fits_the_planned_rounds(accountant):
+    # Arrange: one round already spent; two more planned
+    spent = [(1.0, 1.0, 1)]
+
+    def per_round(sigma):
+        return [(sigma, 1.0, 1), (8.0, 1.0, 1)]
+
+    # Act
+    sigma = calibrate_noise(spent, per_round, rounds_left=2, target_epsilon=8.0, delta=DELTA,
+                            accountant=accountant, tolerance=0.001)
+
+    # Assert: it fits, and a little less noise would not
+    def total(s):
+        return epsilon([*spent, (s, 1.0, 2), (8.0, 1.0, 2)], delta=DELTA,
+                       accountant=accountant)
+
+    assert total(sigma) <= 8.0 < total(sigma - 0.002)
+
+
+def test_calibration_gives_up_when_the_budget_is_spent_and_floors_at_low():
+    def per_round(sigma):
+        return [(sigma, 1.0, 1)]
+
+    spent = [(0.5, 1.0, 4)]  # epsilon far above 1 already
+    assert calibrate_noise(spent, per_round, rounds_left=1, target_epsilon=1.0,
+                           delta=DELTA) is None
+    assert calibrate_noise([], per_round, rounds_left=1, target_epsilon=1000.0, delta=DELTA,
+                           low=0.3) == 0.3
+
+
+def test_a_prv_ledger_enforces_prv_and_keeps_rdp_beside_it():
+    # Arrange
+    ledger = PrivacyLedger(target_epsilon=8.0, target_delta=DELTA, accountant="prv")
+    ledger.record((0.85, 1.0, 2))
+
+    # Act
+    raw = ledger.to_json()
+    back = PrivacyLedger.from_json(json.loads(json.dumps(raw)))
+
+    # Assert: 7.99 by PRV fits the budget of 8 where RDP (8.59) would not
+    assert raw["accountant"] == "prv" and back.accountant == "prv"
+    assert raw["epsilon"] == pytest.approx(7.997, abs=2e-3) and raw["epsilon"] <= 8.0
+    assert raw["rdp_epsilon"] == pytest.approx(8.586, abs=2e-3)
+    with pytest.raises(ValueError, match="unknown accountant"):
+        PrivacyLedger.from_json({**raw, "accountant": "moments"})

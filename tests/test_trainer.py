@@ -423,3 +423,76 @@ def test_private_mean_loss_is_noisy_clipped_and_accounted():
     # noise std on the mean is noise_multiplier * LOSS_CLIP / (q n) = 2.0: a different number
     assert value != pytest.approx(exact, abs=1e-3)
     assert abs(value - exact) < 10 * LOSS_CLIP / 5
+
+
+@pytest.mark.parametrize("micro_batch", [2, 3, 64])
+def test_sgd_step_over_micro_batches_is_minus_lr_times_the_clipped_mean(model, data, monkeypatch,
+                                                                         micro_batch):
+    # Arrange: the batch is split into micro-batches of 2 or 3 records (or taken whole),
+    # the clip at the median norm; noise 0 so the step is exact
+    import client.trainer as trainer
+
+    monkeypatch.setattr(trainer, "MICRO_BATCH", micro_batch)
+    _nonzero_released(model)
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    per_record = _per_record_grads(model, params, data)
+    norms = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+                         for grads in per_record])
+    max_grad_norm = float(norms.median())
+    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    lr = 0.5
+    before = [p.detach().double().clone() for p in params]
+    expected = [before[j] - lr * sum(float(factors[i]) * per_record[i][j].double()
+                                     for i in range(len(data))) / len(data)
+                for j in range(len(params))]
+    dp = DPSettings(enabled=True, noise_multiplier=0.0, max_grad_norm=max_grad_norm)
+    optimizer = ReleasedOptimizer(model, params, lr=lr, dp=dp, batch_size=len(data),
+                                  generator=torch.Generator().manual_seed(0), optimizer="sgd")
+
+    # Act
+    try:
+        optimizer.step(data.select(torch.arange(len(data))))
+    finally:
+        optimizer.close()
+
+    # Assert: one SGD step along the clipped per-record mean, whatever the micro-batching
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_sgd_noise_on_one_step_has_std_sigma_c_over_the_expected_batch(model, data):
+    # Arrange: an empty batch is a noise-only step; SGD with lr 1 moves B by exactly it
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    dp = DPSettings(enabled=True, noise_multiplier=2.0, max_grad_norm=0.5)
+    optimizer = ReleasedOptimizer(model, params, lr=1.0, dp=dp, batch_size=4.0,
+                                  generator=torch.Generator().manual_seed(3), optimizer="sgd")
+
+    # Act
+    try:
+        optimizer.step(data.select(torch.tensor([], dtype=torch.long)))
+    finally:
+        optimizer.close()
+
+    # Assert: std sigma * C / (q n) = 2 * 0.5 / 4
+    moved = before - torch.cat([p.detach().flatten() for p in params])
+    assert moved.numel() == 768
+    assert float(moved.std()) == pytest.approx(0.25, rel=0.08)  # 3 standard errors
+
+
+def test_a_fixed_sample_rate_sets_every_users_poisson_rate(model, data):
+    # Arrange / Act
+    result = train_released(model, data, steps=2, batch_size=8, lr=0.1, dp=DP, scheme="ffa",
+                            generator=torch.Generator().manual_seed(0), optimizer="sgd",
+                            fixed_rate=0.5)
+
+    # Assert: the entry the ledger gets carries the fixed rate, not batch / records
+    assert result.sample_rate == 0.5 == sample_rate(8, len(data), 0.5)
+    assert result.accountant_entry == (1.0, 0.5, 2)
+
+
+def test_unknown_local_optimizer_is_refused(model):
+    params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ReleasedOptimizer(model, params, lr=0.1, dp=DP, batch_size=2,
+                          generator=torch.Generator(), optimizer="lion")

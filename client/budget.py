@@ -1,0 +1,75 @@
+"""What a device spends in one training round, chosen before it trains.
+
+One function decides the round's DP-SGD noise multiplier and its accountant
+entries from the run's settings and the device's ledger, so that the device,
+the ledger audit (which replays it) and nothing else agree on what a round costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from client.trainer import DPSettings
+from shared.config import RunConfig
+from shared.privacy import HistoryEntry, PrivacyLedger, calibrate_noise, round_entries
+
+
+@dataclass(frozen=True)
+class RoundBudget:
+    dp: DPSettings  # what the device's DP-SGD adds (a share of the noise under distributed DP)
+    entries: list[HistoryEntry] | None  # what the ledger records; None: nothing fits, decline
+    noise_multiplier: float  # the accounted one: on the released sum
+
+
+def round_mechanisms(cfg: RunConfig, ledger: PrivacyLedger, rate: float,
+                     private_choice: bool) -> RoundBudget:
+    """This round's DP-SGD settings and accountant entries. With ``planned-rounds`` the
+    noise multiplier is the smallest that leaves enough for the device's remaining
+    planned rounds (:func:`shared.privacy.calibrate_noise`), from public inputs only."""
+    if not cfg.dp:
+        return RoundBudget(DPSettings(False, cfg.noise_multiplier, cfg.max_grad_norm), [], 0.0)
+
+    def per_round(sigma: float) -> list[HistoryEntry]:
+        return round_entries(noise_multiplier=sigma, sample_rate=rate, steps=cfg.local_steps,
+                             loss_noise_multiplier=loss_noise(cfg, sigma),
+                             selection_noise=cfg.selection_noise if private_choice else 0.0)
+
+    sigma = cfg.noise_multiplier
+    if cfg.planned_rounds:
+        sigma = calibrate_noise(ledger.history, per_round,
+                                rounds_left=max(1, cfg.planned_rounds - ledger.rounds),
+                                target_epsilon=ledger.target_epsilon, delta=ledger.target_delta,
+                                accountant=ledger.accountant)
+        if sigma is None:
+            return RoundBudget(DPSettings(True, cfg.noise_multiplier, cfg.max_grad_norm), None,
+                               cfg.noise_multiplier)
+    return RoundBudget(DPSettings(True, noise_share(cfg, sigma), cfg.max_grad_norm),
+                       per_round(sigma), sigma)
+
+
+def noise_share(cfg: RunConfig, sigma: float) -> float:
+    """The noise multiplier a client adds itself. Under distributed DP it is
+    ``sigma / sqrt(t)``: SecAgg+ unmasks only sums of at least ``t`` (the reconstruction
+    threshold) clients, whose independent shares add up to a variance of at least
+    ``sigma^2``, so the sum the server sees carries the full ``sigma`` that every
+    device's ledger accounts (Kairouz, Liu and Steinke, "The Distributed Discrete
+    Gaussian Mechanism for Federated Learning with Secure Aggregation", ICML 2021).
+    Otherwise every client adds all of it."""
+    if cfg.distributed_dp:
+        return sigma / math.sqrt(cfg.secagg_reconstruction_threshold)
+    return sigma
+
+
+def loss_noise(cfg: RunConfig, sigma: float) -> float:
+    return cfg.loss_noise_multiplier or sigma
+
+
+def slot_noise_std(cfg: RunConfig, noise_multiplier: float, num_records: int) -> float:
+    """Per-coordinate std of the noise a DP-SGD step of this device puts on an adapter's
+    change under distributed DP: ``lr * share * C / (q n)``. A client adds exactly this to
+    every persona slot it did not train, so each slot's sum carries every survivor's
+    share, as the global sum does."""
+    share = noise_share(cfg, noise_multiplier)
+    return (cfg.learning_rate * share * cfg.max_grad_norm
+            / (cfg.dp_sample_rate * max(num_records, 1)))
