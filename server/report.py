@@ -109,6 +109,137 @@ def user_check_lines(summary: Mapping[str, Any] | None) -> list[str]:
                f"({', '.join(discarded)})." if discarded else "never discarded."), ""]
 
 
+FEDERATED = "global+persona+user"
+BASELINE_NOTES = {
+    "base (same users)": "the base model, no adapter",
+    "local-only": "each user alone, no DP: a user adapter trained on the device's own data "
+                  "with the device's recipe, user-steps per round it trained (no global, no "
+                  "persona)",
+    "local-only-all-steps": "the same, user-steps + local-steps per round: as many steps as "
+                            "the device spent in the run",
+    "in-context-recent (base)": "the base model, the user's latest training lines as "
+                                "context (nothing trained)",
+    "in-context-recent (global)": "base + the run's global adapter, the same context",
+    "in-context-retrieved (global)": "base + global, the training lines most similar to the "
+                                     "test line's prompt (bag-of-words cosine) as context",
+    "global (same users)": "federated: the global adapter",
+    "global+persona (same users)": "federated: global + persona",
+    f"{FEDERATED} (same users)": "federated: global + persona + the device's user adapter",
+    "centralized": "one non-private LoRA on all training users' data pooled (upper "
+                   "reference)",
+    "local-only-dp-global": "each user alone, DP-SGD on a global-shaped adapter (the old "
+                            "strawman; the run's DP setting and DP steps)",
+}
+
+
+def restrict(summary: Mapping[str, Any], users) -> dict[str, Any]:
+    """A macro summary (``perplexity``, ``token_accuracy``, ``per_user``) over ``users`` only."""
+    users = set(users)
+    per_user = {u: v for u, v in summary["per_user"].items() if u in users}
+    ppl = macro_summary({u: v["perplexity"] for u, v in per_user.items()})
+    acc = macro_summary({u: v["token_accuracy"] for u, v in per_user.items()})
+    return {"perplexity": ppl["mean"], "perplexity_ci95": ppl["ci95"],
+            "token_accuracy": acc["mean"], "token_accuracy_ci95": acc["ci95"],
+            "users": ppl["n"], "per_user": per_user}
+
+
+def federation_gain(baseline: Mapping[str, float], federated: Mapping[str, float], *,
+                    excluded=()) -> dict[str, Any]:
+    """Per user, ``baseline`` perplexity minus ``federated`` perplexity (positive: the
+    federation helps) and the same relative to the baseline (%); macro means with 95% CIs
+    and how many users it helps, over the users with a finite value in both."""
+    users = sorted(u for u in baseline if u in federated
+                   and math.isfinite(baseline[u]) and math.isfinite(federated[u]))
+    per_user = {u: {"local_only": baseline[u], "federated": federated[u],
+                    "gain": baseline[u] - federated[u],
+                    "relative_percent": 100.0 * (baseline[u] - federated[u]) / baseline[u]}
+                for u in users}
+    gain = macro_summary({u: v["gain"] for u, v in per_user.items()})
+    relative = macro_summary({u: v["relative_percent"] for u, v in per_user.items()})
+    return {"baseline": "local-only", "level": FEDERATED, "users": len(users),
+            "helped": sum(1 for v in per_user.values() if v["gain"] > 0),
+            "mean": gain["mean"], "mean_ci95": gain["ci95"],
+            "relative_percent_mean": relative["mean"],
+            "relative_percent_ci95": relative["ci95"],
+            "excluded": sorted(excluded), "per_user": per_user}
+
+
+def baselines_lines(report: Mapping[str, Any]) -> list[str]:
+    """The baselines table, each row named for what it is, on the same users."""
+    baselines = report.get("baselines")
+    if not baselines:
+        return []
+    order = [n for n in BASELINE_NOTES if n in baselines] + [
+        n for n in baselines if n not in BASELINE_NOTES]
+    rows = [{"row": n, "what it is": BASELINE_NOTES.get(n, ""), "users": baselines[n]["users"],
+             "perplexity": f"{baselines[n]['perplexity']:.2f} ± "
+                           f"{baselines[n]['perplexity_ci95']:.2f}",
+             "token accuracy": f"{baselines[n]['token_accuracy']:.3f}"}
+            for n in order if isinstance(baselines[n], Mapping) and "perplexity" in baselines[n]]
+    lines = ["## Baselines (the same users, macro ± 95% CI)", ""]
+    untrained = report.get("untrained_users") or []
+    fair = baselines.get("local-only", {}).get("per_user", {})
+    lines += [f"On the {len(fair)} training users that trained in at least one round"
+              + (f"; left out as they never trained: {', '.join(untrained)} (a fair "
+                 "local-only baseline gets the steps the device got)." if untrained else "."),
+              "", markdown_table(rows), ""]
+    strawman = baselines.get("local-only-dp-global")
+    if strawman and report.get("levels", {}).get(FEDERATED) and fair:
+        users = list(strawman["per_user"])
+        fed = restrict(report["levels"][FEDERATED], users)
+        local = restrict(baselines["local-only"], users)
+        lines += [f"`local-only-dp-global` ran on {len(users)} of these users (it is slow); "
+                  f"on them, {FEDERATED} {fed['perplexity']:.2f} and `local-only` (no DP) "
+                  f"{local['perplexity']:.2f}.", ""]
+    return lines
+
+
+def federation_gain_lines(gain: Mapping[str, Any] | None) -> list[str]:
+    if not gain or not gain["users"]:
+        return []
+    rows = [{"user": u, "local-only (no DP)": f"{v['local_only']:.2f}",
+             FEDERATED: f"{v['federated']:.2f}", "gain": f"{v['gain']:+.2f}",
+             "relative": f"{v['relative_percent']:+.1f}%"}
+            for u, v in sorted(gain["per_user"].items(), key=lambda kv: -kv[1]["gain"])]
+    lines = ["## Federation gain", "",
+             f"Per user: test perplexity of `local-only` (the user alone, no DP, the same "
+             f"steps) minus that of {FEDERATED}; positive means the federation helps. "
+             f"Mean {gain['mean']:+.2f} ± {gain['mean_ci95']:.2f} "
+             f"({gain['relative_percent_mean']:+.1f}% ± {gain['relative_percent_ci95']:.1f}% "
+             f"of the local-only perplexity); it helps {gain['helped']} of "
+             f"{gain['users']} users."]
+    if gain["excluded"]:
+        lines.append(f"Left out (never trained in the run): {', '.join(gain['excluded'])}.")
+    return lines + ["", markdown_table(rows), ""]
+
+
+ROUND_PLOT = "round by round"
+
+
+def round_lines(report: Mapping[str, Any]) -> list[str]:
+    """The "Round by round" section: the DP train loss, the update norm and the fixed
+    users' perplexity per level after each round (with its plot), or nothing when off."""
+    measured = report.get("round_eval")
+    if not measured:
+        return []
+    rows = [{"round": r["round"], "train loss (DP)": r["train_loss"],
+             "update norm": r["update_norm"],
+             **{level: (f"{r['eval'][level]:.2f}" if level in r.get("eval", {}) else "-")
+                for level in EVAL_LEVELS}}
+            for r in report["rounds"]]
+    users, records = measured["users"], measured["max_records"]
+    lines = ["## Round by round", "",
+             f"Train loss: the clients' released train loss (DP-noised, example-weighted). "
+             f"Perplexity: macro over the same {len(users)} training users after every "
+             f"round's aggregation ({', '.join(users)}), at most "
+             f"{records or 'all'} test records each. Like the final evaluation this is a "
+             "simulation measurement on raw test records, outside the DP guarantee.", ""]
+    plot = report.get("plots", {}).get(ROUND_PLOT)
+    if plot:
+        lines += [f"![{ROUND_PLOT}]({plot})", ""]
+    return lines + [markdown_table(rows), ""]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     cfg = report["config"]
     privacy = report["privacy"]
@@ -120,11 +251,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["## Test metrics per level (macro over users, ± 95% CI)", "",
                   levels_table(report["levels"]), ""]
         lines += user_check_lines(report.get("user_adapter_check"))
-    if "baselines" in report:
-        lines += ["## Baselines", "",
-                  "`local-only`: each user trains alone with the same DP setting and steps; "
-                  "`centralized`: one non-private LoRA on all training data pooled (upper "
-                  "reference).", "", levels_table(report["baselines"], "baseline"), ""]
+    lines += baselines_lines(report)
+    lines += federation_gain_lines(report.get("federation_gain"))
     for key, title in COLD_START_TITLES.items():
         if key in report:
             cold = report[key]
@@ -144,7 +272,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                   "No user chose a discovered persona.", "",
                   f"Privacy of the choice: {disc['note']}.", "", markdown_table(rows), ""]
     for name, path in report.get("plots", {}).items():
-        lines += [f"![{name}]({path})", ""]
+        if name != ROUND_PLOT:  # shown with its table
+            lines += [f"![{name}]({path})", ""]
+    lines += round_lines(report)
     lines += ["## Privacy", ""]
     if privacy["dp"]:
         lines.append(f"Record-level DP-SGD on each device: epsilon_max = "

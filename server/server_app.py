@@ -7,7 +7,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,7 @@ class Run:
     node_info: dict[int, dict] = field(default_factory=dict)
     user_name: dict[int, str] = field(default_factory=dict)
     sampling_seed: int = 0
+    eval_users: tuple[str, ...] = ()  # evaluated after every round (round-eval-users)
 
     @property
     def trained(self) -> tuple[str, ...]:
@@ -152,6 +153,14 @@ def start_run(grid: Grid, cfg: RunConfig, progress: Callable[[str], None]) -> Ru
                                f"{cfg.clients_per_round} would change it")
         secret = secret_file(run_dir / "server-secret")
         run.sampling_seed = int.from_bytes(hashlib.sha256(secret).digest()[:4], "big") >> 1
+    if cfg.round_eval_users:
+        # A simulation draws from all its training users; a deployment from the nodes
+        # connected now, after the users an earlier start chose (kept on resume).
+        candidates = ([(u.user_id, u.persona) for u in users] if users else
+                      [(run.user_name[n], i["persona"]) for n, i in run.node_info.items()])
+        run.eval_users = fixed_eval_users(
+            candidates, cfg.round_eval_users,
+            keep=[u for h in state.history for u in h.get("eval_users", ())])
     return run
 
 
@@ -196,6 +205,11 @@ def run_round(grid: Grid, run: Run, server_round: int,
     (secure.apply if secure else apply_round)(
         state, [u for _, u in sorted(got.accepted, key=lambda pair: pair[0])], cfg)
     state.round = server_round
+    seconds = round(time.monotonic() - t0, 2)
+    # Measured before the checkpoint, so it is saved with the round: a server killed
+    # during it redoes the round (replayed by the devices, no new spend) and measures
+    # the same adapters again.
+    measured = evaluate_round(grid, run)
     state.rejected.extend(sorted(got.rejected, key=lambda r: str(r["client"])))
     state.history.append({
         "round": server_round, "clients": len(chosen), "accepted": len(got.accepted),
@@ -207,7 +221,7 @@ def run_round(grid: Grid, run: Run, server_round: int,
         **({"private_choices": sum(got.private_choices),
             "clusters_chosen": len(got.private_choices)} if discovering else {}),
         **(secure.history() if secure else {}),
-        "seconds": round(time.monotonic() - t0, 2)})
+        "seconds": seconds, **measured})
     save_checkpoint(run.run_dir, state, get_runtime(cfg).lora)
     h = state.history[-1]
     eps = max(state.epsilon_per_user.values(), default=0.0)
@@ -217,7 +231,47 @@ def run_round(grid: Grid, run: Run, server_round: int,
              + (f", epsilon max {eps:.2f}" if cfg.dp else ", no DP")
              + (f", user-level epsilon (global) {state.central_dp.epsilon('global'):.2f}"
                 if cfg.central_dp else "")
-             + f" [{h['seconds']:.0f}s]")
+             + f" [{h['seconds']:.0f}s]"
+             + (f"; perplexity on {len(h['eval_users'])} fixed users: "
+                + ", ".join(f"{level} {ppl:.2f}" for level, ppl in h["eval"].items())
+                + f" [{h['eval_seconds']:.0f}s]" if "eval" in h else ""))
+
+
+def fixed_eval_users(candidates: Iterable[tuple[str, str | None]], n: int, *,
+                     keep: Sequence[str] = ()) -> tuple[str, ...]:
+    """The ``n`` users measured after every round (all when fewer), sorted: ``keep`` (an
+    earlier choice) first, then in turn one from each persona (personas and their users in
+    name order), so every persona is measured and the choice reproduces."""
+    known = dict(candidates)
+    chosen = [u for u in dict.fromkeys(keep) if u in known][:n]
+    queues: dict[str, list[str]] = {}
+    for user in sorted(known):
+        if user not in chosen:
+            queues.setdefault(str(known[user]), []).append(user)
+    order = [queues[p] for p in sorted(queues)]
+    while len(chosen) < n and any(order):
+        chosen += [q.pop(0) for q in order if q][:n - len(chosen)]
+    return tuple(sorted(chosen))
+
+
+def evaluate_round(grid: Grid, run: Run) -> dict:
+    """The fixed users' macro test perplexity at each level after this round's aggregation,
+    for the history entry; nothing when ``round-eval-users`` = 0 or none of them answers.
+    The same EVALUATE message as the final evaluation: a simulation measurement on raw
+    test records, not DP; the devices only read their state to answer it."""
+    if not run.eval_users:
+        return {}
+    t0 = time.monotonic()
+    wanted = set(run.eval_users)
+    nodes = [n for n in run.refresh(grid) if run.user_name[n] in wanted]
+    per_user, _ = evaluate_nodes(grid, nodes, run.state, run.node_info, run.cfg, run.personas,
+                                 run.user_name) if nodes else ({}, {})
+    if not per_user:
+        log.warning("round %d: none of the %d fixed users answered the evaluation",
+                    run.state.round, len(wanted))
+        return {}
+    return {"eval": {level: v["perplexity"] for level, v in level_metrics(per_user).items()},
+            "eval_users": sorted(per_user), "eval_seconds": round(time.monotonic() - t0, 2)}
 
 
 def collect_replies(run: Run, replies: list[Message], chosen: list[int], server_round: int,
@@ -286,6 +340,11 @@ def final_report(grid: Grid, run: Run, started: float,
         "config": cfg.to_flower(), "num_users": len(run.users),
         "personas": list(run.personas),
         "rounds": state.history,
+        **({"round_eval": {"users": list(run.eval_users),
+                           "max_records": cfg.eval_max_records,
+                           "note": "the same users after every round, on raw test records: "
+                                   "a simulation measurement, not DP"}}
+           if run.eval_users else {}),
         "rejected_updates": state.rejected,
         "privacy": privacy_summary(state.epsilon_per_user, dp=cfg.dp, delta=cfg.target_delta,
                                    budget=cfg.target_epsilon),

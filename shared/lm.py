@@ -40,26 +40,75 @@ class EncodedRecords:
 
 def encode_records(records: Sequence[Record], tokenizer, seq_len: int) -> EncodedRecords:
     """Tokenize records into ``seq_len``-wide tensors; loss only on response tokens."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos, eos = _specials(tokenizer)
+    rows = []
+    for record in records:
+        prompt, response = _record_tokens(record, tokenizer, eos)
+        rows.append(((bos + prompt + response)[:seq_len],
+                     ([IGNORE_INDEX] * (len(bos) + len(prompt)) + response)[:seq_len]))
+    return _stack(rows, seq_len, tokenizer)
+
+
+def encode_in_context(records: Sequence[Record], contexts: Sequence[Sequence[Record]],
+                      tokenizer, *, seq_len: int, context_tokens: int) -> EncodedRecords:
+    """Each record after as many of its own context records as fit in ``context_tokens``
+    tokens; ``(N, context_tokens + seq_len)`` tensors, loss on the record's response only.
+
+    ``contexts[i]`` lists record ``i``'s candidates by priority, the most wanted first; the
+    longest prefix of them that fits the budget is kept (a candidate that does not fit
+    ends it) and laid out in reverse, so the most wanted sits right before the record.
+    Each context record is its prompt, response and end-of-sequence token, all labelled
+    ``IGNORE_INDEX``. The record itself is cut to ``seq_len`` as :func:`encode_records`
+    cuts it: with no context a row equals that function's row, padded wider.
+    """
+    if len(contexts) != len(records):
+        raise ValueError(f"{len(records)} records but {len(contexts)} contexts")
+    bos, eos = _specials(tokenizer)
+    rows = []
+    for record, candidates in zip(records, contexts):
+        kept: list[list[int]] = []
+        used = 0
+        for candidate in candidates:
+            tokens = sum(_record_tokens(candidate, tokenizer, eos), [])
+            if used + len(tokens) > context_tokens:
+                break
+            kept.append(tokens)
+            used += len(tokens)
+        context = [t for tokens in reversed(kept) for t in tokens]  # most wanted last
+        prompt, response = _record_tokens(record, tokenizer, eos)
+        own = seq_len - len(bos)  # the record's tokens after bos, cut as encode_records cuts
+        ids = bos + context + (prompt + response)[:own]
+        labels = [IGNORE_INDEX] * (len(bos) + len(context)) + (
+            [IGNORE_INDEX] * len(prompt) + response)[:own]
+        rows.append((ids, labels))
+    return _stack(rows, context_tokens + seq_len, tokenizer)
+
+
+def _specials(tokenizer) -> tuple[list[int], list[int]]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    rows_ids, rows_labels = [], []
-    for record in records:
-        prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt \
-            else []
-        response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + eos
-        ids = (bos + prompt + response)[:seq_len]
-        labels = ([IGNORE_INDEX] * (len(bos) + len(prompt)) + response)[:seq_len]
-        rows_ids.append(ids)
-        rows_labels.append(labels)
-    n = len(rows_ids)
-    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, seq_len), dtype=torch.long)
-    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows_ids, rows_labels)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
+    return bos, eos
+
+
+def _record_tokens(record: Record, tokenizer, eos: list[int]) -> tuple[list[int], list[int]]:
+    """``(prompt, response + eos)`` token ids of one record."""
+    prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt \
+        else []
+    return prompt, tokenizer(record.response, add_special_tokens=False)["input_ids"] + eos
+
+
+def _stack(rows: Sequence[tuple[list[int], list[int]]], width: int,
+           tokenizer) -> EncodedRecords:
+    """``(ids, labels)`` rows into right-padded ``(N, width)`` tensors."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[i, :len(ids)] = 1
-        labels[i, :len(lab)] = torch.tensor(lab)
+        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
     return EncodedRecords(input_ids, attention, labels)
 
 

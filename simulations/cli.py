@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cold-start-users", type=int, default=8,
                           help="cold-start users per kind (0 = all)")
     evaluate.add_argument("--baseline-users", type=int, default=8,
-                          help="users for the local-only baseline (0 = all)")
+                          help="users for the slow local-only-dp-global strawman (0 = all)")
+    evaluate.add_argument("--context-tokens", type=int, default=448,
+                          help="context budget of the in-context baselines, in tokens")
 
     generate = commands.add_parser("generate", help="generate text for a user (cold-start aware)")
     generate.add_argument("--run", required=True, type=Path)
@@ -316,16 +318,17 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from server.report import levels_table
+    from server.report import baselines_lines, federation_gain_lines, levels_table
     from shared.atomic import write_json_atomic
     from simulations.evaluate import evaluate_run
 
     result = evaluate_run(args.run, cold_start_k=args.k, cold_start_users=args.cold_start_users,
-                          baseline_users=args.baseline_users)
+                          baseline_users=args.baseline_users, context_tokens=args.context_tokens)
     write_json_atomic(args.run / "evaluation.json", result, sort_keys=False)
     print(levels_table(result["levels"]))
     print()
-    print(levels_table(result["baselines"], "baseline"))
+    print("\n".join(baselines_lines(result)))
+    print("\n".join(federation_gain_lines(result["federation_gain"])))
     for key in ("cold_start", "cold_start_held_out_plays"):
         print(f"\n{key}")
         print(levels_table(result[key], "served by"))

@@ -3,9 +3,17 @@
 In one process, on the same evaluation users:
 - the levels: ``base``, ``global``, ``global+persona``, ``global+persona+user``
   (user adapters read from each simulated device's store);
-- baselines: ``local-only`` (each user trains alone, same DP setting and the same
-  number of DP steps it spent in the federation) and ``centralized`` (one
-  non-private LoRA on all training users' data pooled: the upper reference);
+- baselines, on the training users that trained in at least one round (the
+  others never got a step, so no local-only baseline is fair to them):
+  ``local-only`` (each user alone, no DP: a fresh user adapter trained with the
+  device's own recipe, once per round the device trained), ``local-only-all-steps``
+  (the same with as many steps as the device spent in all), ``in-context-*`` (no
+  training: the user's own training lines as context, :mod:`simulations.in_context`),
+  ``centralized`` (one non-private LoRA on all training users' data pooled: the upper
+  reference), and on the first ``baseline_users`` of them the old strawman
+  ``local-only-dp-global`` (alone, DP-SGD on a global-shaped adapter);
+- the federation gain per user: ``local-only`` minus ``global+persona+user``
+  perplexity (positive: the federation helps);
 - cold-start users, held-out characters of known plays and characters of
   held-out plays: ``base``, ``global``, the persona fallback with 0 examples
   (declared persona) and with k examples (lowest-loss persona).
@@ -17,6 +25,7 @@ device's files, which no real server could.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -26,14 +35,16 @@ import torch
 
 from client.coldstart import choose_adapters
 from client.store import DeviceStore
-from client.trainer import DPSettings, train_released
-from shared.adapters import activate, load_adapter_state, load_level
+from client.trainer import DPSettings, train_released, train_user_checked
+from server.report import federation_gain, restrict
+from shared.adapters import LEVELS, activate, load_adapter_state, load_level
 from shared.config import RunConfig
 from shared.federation import load_run_population, training_users
 from shared.lm import EncodedRecords, encode_records, evaluate_stats, per_record_loss
 from shared.metrics import TokenStats, macro_summary
 from shared.runtime import Runtime, get_runtime
 from shared.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, PopulationEntry, load_user
+from simulations.in_context import in_context_data
 
 COLD_KINDS = {"known_plays": ROLE_COLD_CHARACTER, "held_out_plays": ROLE_COLD_PLAY}
 
@@ -86,13 +97,19 @@ class RunEvaluator:
                    initial["persona"])
         load_level(model, "user", user_state if user_state is not None else initial["user"])
 
-    def stats(self, data: EncodedRecords, levels: Sequence[str]) -> TokenStats:
+    def clean(self) -> None:
+        """Every level at its initial state (B = 0: the base model's outputs)."""
+        for level in LEVELS:
+            load_level(self.runtime.model, level, self.runtime.initial[level])
+
+    def stats(self, data: EncodedRecords, levels: Sequence[str], *,
+              batch_size: int = 8) -> TokenStats:
         model = self.runtime.model
         if not levels:
             with model.disable_adapter():
-                return evaluate_stats(model, data)
+                return evaluate_stats(model, data, batch_size=batch_size)
         activate(model, levels)
-        return evaluate_stats(model, data)
+        return evaluate_stats(model, data, batch_size=batch_size)
 
     @torch.no_grad()
     def record_losses(self, data: EncodedRecords, levels: Sequence[str], *,
@@ -124,25 +141,67 @@ class RunEvaluator:
         return losses, self.mean_loss(data, ("global",))
 
 
+IN_CONTEXT_ROWS = {  # row -> (levels, retrieval)
+    "in-context-recent (base)": ((), False),
+    "in-context-recent (global)": (("global",), False),
+    "in-context-retrieved (global)": (("global",), True),
+}
+
+
 def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int = 8,
                  baseline_users: int = 8, centralized_steps: int | None = None,
-                 include_levels: bool = True, progress: Callable[[str], None] = print) -> dict:
-    """Everything in the module docstring; returns ``{"levels", "baselines", "cold_start",
-    "cold_start_held_out_plays"}`` (each entry macro-averaged with per-user values).
+                 context_tokens: int = 448, include_levels: bool = True,
+                 progress: Callable[[str], None] = print) -> dict:
+    """Everything in the module docstring; returns ``{"levels", "baselines",
+    "federation_gain", "untrained_users", "cold_start", "cold_start_held_out_plays"}`` (each
+    entry macro-averaged with per-user values).
 
-    ``include_levels=False`` skips the levels (the simulation's Flower evaluation
-    round has measured them on the devices already)."""
+    ``include_levels=False`` skips the levels and so the federation gain (the simulation's
+    Flower evaluation round has measured the levels on the devices already; the caller
+    then gets the gain from :func:`against_levels`). ``context_tokens`` bounds the context
+    of the in-context rows, in tokens."""
     started = time.monotonic()
     cfg = load_run_config(run_dir)
     population = load_run_population(cfg)
     trained = training_users(population, cfg)
     trained_ids = {u.user_id for u in trained}
+    cold = {kind: population.with_role(role)[:cold_start_users] if cold_start_users
+            else population.with_role(role) for kind, role in COLD_KINDS.items()}
+    leaked = sorted(u.user_id for users in cold.values() for u in users
+                    if u.user_id in trained_ids)
+    if leaked:  # before any work
+        raise EvaluationError(f"cold-start user(s) took part in training: {', '.join(leaked)}")
     ev = RunEvaluator(run_dir, cfg)
 
-    levels: dict[str, dict[str, TokenStats]] = {}
     if include_levels:
         progress(f"levels on {len(trained)} training users")
-    for entry in trained if include_levels else ():
+    levels = _levels(ev, population, trained) if include_levels else {}
+    baselines, untrained = _baselines(ev, population, trained, baseline_users=baseline_users,
+                                      centralized_steps=centralized_steps,
+                                      context_tokens=context_tokens, progress=progress)
+    order = ("local-only", "local-only-all-steps", *IN_CONTEXT_ROWS, "centralized",
+             "local-only-dp-global")
+    result = {"baselines": {name: summarize(baselines.get(name, {})) for name in order},
+              "untrained_users": untrained}
+    if include_levels:
+        result["levels"] = {k: summarize(v) for k, v in levels.items()}
+        compared = against_levels(result["levels"], result["baselines"], untrained)
+        result["baselines"].update(compared["same_users"])
+        result["federation_gain"] = compared["federation_gain"]
+    for kind, users in cold.items():
+        progress(f"cold start ({kind}) on {len(users)} users, k={cold_start_k}")
+        key = "cold_start" if kind == "known_plays" else "cold_start_held_out_plays"
+        result[key] = _cold_start(ev, population, users, cold_start_k)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenStats]]:
+    """``level -> user -> stats``: each training user under the run's adapters and its own
+    user adapter, as its device would serve it."""
+    cfg = ev.cfg
+    levels: dict[str, dict[str, TokenStats]] = {}
+    for entry in trained:
         user = load_user(population.user_dir(entry.user_id))
         store = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key)
         persona = entry.persona if entry.persona in ev.persona_states else None
@@ -157,42 +216,110 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
                              ("global+persona+user", ("global", "persona", "user") if persona
                               else ("global", "user"))):
             levels.setdefault(name, {})[entry.user_id] = ev.stats(data, active)
+    return levels
 
-    chosen = trained[:baseline_users] if baseline_users else trained
-    progress(f"local-only baseline on {len(chosen)} users")
-    local_only = {e.user_id: _local_only(ev, population, e) for e in chosen}
+
+def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
+               centralized_steps: int | None, context_tokens: int,
+               progress: Callable[[str], None]) -> tuple[dict[str, dict[str, TokenStats]],
+                                                         list[str]]:
+    """``(row -> user -> stats, the users that never trained)``: every baseline, on the
+    training users that trained in at least one round."""
+    cfg = ev.cfg
+    rounds = {e.user_id: _rounds_trained(cfg, population, e) for e in trained}
+    fair = [e for e in trained if rounds[e.user_id] > 0]
+    untrained = sorted(u for u, n in rounds.items() if n == 0)
+    baselines: dict[str, dict[str, TokenStats]] = {}
+    progress(f"local-only baselines (no DP) on {len(fair)} users that trained"
+             + (f" ({len(untrained)} never trained: left out)" if untrained else ""))
+    for entry in fair:
+        for name, steps in (("local-only", cfg.user_steps),
+                            ("local-only-all-steps", cfg.user_steps + cfg.local_steps)):
+            baselines.setdefault(name, {})[entry.user_id] = _local_only(
+                ev, population, entry, rounds=rounds[entry.user_id], steps=steps)
+    progress(f"in-context baselines on {len(fair)} users, {context_tokens} context tokens")
+    for entry in fair:
+        for name, stats in _in_context(ev, population, entry, context_tokens).items():
+            baselines.setdefault(name, {})[entry.user_id] = stats
+    chosen = fair[:baseline_users] if baseline_users else fair
+    progress(f"local-only-dp-global (the old strawman) on {len(chosen)} users")
+    baselines["local-only-dp-global"] = {e.user_id: _local_only_dp(ev, population, e)
+                                         for e in chosen}
     progress("centralized non-private baseline")
-    central = _centralized(ev, population, trained, chosen, centralized_steps)
-
-    result = {"baselines": {"local-only": summarize(local_only),
-                            "centralized": summarize(central)}}
-    if include_levels:
-        result["levels"] = {k: summarize(v) for k, v in levels.items()}
-    for kind, role in COLD_KINDS.items():
-        users = population.with_role(role)[:cold_start_users] if cold_start_users \
-            else population.with_role(role)
-        leaked = sorted(u.user_id for u in users if u.user_id in trained_ids)
-        if leaked:
-            raise EvaluationError(f"cold-start user(s) took part in training: {', '.join(leaked)}")
-        progress(f"cold start ({kind}) on {len(users)} users, k={cold_start_k}")
-        key = "cold_start" if kind == "known_plays" else "cold_start_held_out_plays"
-        result[key] = _cold_start(ev, population, users, cold_start_k)
-    result["seconds"] = round(time.monotonic() - started, 1)
-    return result
+    baselines["centralized"] = _centralized(ev, population, trained, fair, centralized_steps)
+    return baselines, untrained
 
 
-def _local_only(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenStats:
-    """The user trains a fresh adapter alone with the DP-SGD steps it spent in the run."""
+def against_levels(levels: dict, baselines: dict, untrained: Sequence[str] = ()) -> dict:
+    """``{"same_users": {"<level> (same users)": summary}, "federation_gain": ...}``: the
+    levels on exactly the users of the ``local-only`` baseline, and per user its perplexity
+    minus that of global+persona+user (:func:`server.report.federation_gain`)."""
+    users = list(baselines["local-only"]["per_user"])
+    same = {f"{level} (same users)": restrict(values, users) for level, values in levels.items()}
+    ppl = {u: v["perplexity"] for u, v in baselines["local-only"]["per_user"].items()}
+    federated = {u: v["perplexity"] for u, v in
+                 levels.get("global+persona+user", {}).get("per_user", {}).items() if u in ppl}
+    return {"same_users": same,
+            "federation_gain": federation_gain(ppl, federated, excluded=untrained)}
+
+
+def _rounds_trained(cfg: RunConfig, population, entry: PopulationEntry) -> int:
+    """Rounds the device trained in, from its ledger (counted with or without DP)."""
+    return DeviceStore(population.user_dir(entry.user_id), cfg.federation_key).load_ledger(
+        target_epsilon=float("inf"), target_delta=cfg.target_delta).rounds
+
+
+def user_seed(seed: int, user_id: str, purpose: str) -> int:
+    """A generator seed for one user and one purpose, stable across processes (``hash`` of a
+    string is salted per process)."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _local_only(ev: RunEvaluator, population, entry: PopulationEntry, *, rounds: int,
+                steps: int) -> TokenStats:
+    """The user alone at home, no DP (nothing leaves the device): from clean slots, its
+    user adapter trained with the device's own recipe (``train_user_checked``, the held-out
+    check included), ``steps`` steps in each of the ``rounds`` rounds it trained; evaluated
+    with global and persona at identity."""
     cfg = ev.cfg
     user = load_user(population.user_dir(entry.user_id))
-    ledger = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key).load_ledger(
-        target_epsilon=float("inf"), target_delta=cfg.target_delta)
-    steps = max(cfg.local_steps, ledger.rounds * cfg.local_steps)
-    model, initial = ev.runtime.model, ev.runtime.initial
-    for level in ("global", "persona", "user"):
-        load_level(model, level, initial[level])
+    ev.clean()
     data = ev.encode(user.train)
-    train_released(model, data, steps=steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+    generator = torch.Generator().manual_seed(user_seed(cfg.seed, entry.user_id, "local-only"))
+    for _ in range(rounds):
+        train_user_checked(ev.runtime.model, data, holdout_fraction=cfg.user_holdout_fraction,
+                           steps=steps, batch_size=cfg.batch_size, lr=cfg.user_learning_rate,
+                           scheme=cfg.lora_scheme, generator=generator)
+    return ev.stats(ev.test_data(user), LEVELS)
+
+
+def _in_context(ev: RunEvaluator, population, entry: PopulationEntry,
+                context_tokens: int) -> dict[str, TokenStats]:
+    """The user's test records after their own training records, under the base model and
+    the run's global adapter (:data:`IN_CONTEXT_ROWS`)."""
+    cfg = ev.cfg
+    user = load_user(population.user_dir(entry.user_id))
+    records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
+    data = {retrieve: in_context_data(records, user.train, ev.runtime.tokenizer,
+                                      seq_len=cfg.seq_len, context_tokens=context_tokens,
+                                      retrieve=retrieve) for retrieve in (False, True)}
+    ev.load()
+    # batches of 4: rows are context_tokens + seq_len wide
+    return {name: ev.stats(data[retrieve], levels, batch_size=4)
+            for name, (levels, retrieve) in IN_CONTEXT_ROWS.items()}
+
+
+def _local_only_dp(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenStats:
+    """The old strawman: the user trains a fresh global-shaped adapter alone, with the
+    run's DP setting and the DP steps it spent in the run."""
+    cfg = ev.cfg
+    user = load_user(population.user_dir(entry.user_id))
+    steps = max(cfg.local_steps, _rounds_trained(cfg, population, entry) * cfg.local_steps)
+    ev.clean()
+    data = ev.encode(user.train)
+    train_released(ev.runtime.model, data, steps=steps, batch_size=cfg.batch_size,
+                   lr=cfg.learning_rate,
                    dp=DPSettings(cfg.dp, cfg.noise_multiplier, cfg.max_grad_norm),
                    scheme=cfg.lora_scheme, levels=("global",),
                    generator=torch.Generator().manual_seed(cfg.seed),
@@ -206,9 +333,8 @@ def _centralized(ev: RunEvaluator, population, trained, evaluated, steps: int | 
     cfg = ev.cfg
     pooled = ev.encode([r for e in trained
                         for r in load_user(population.user_dir(e.user_id)).train])
-    model, initial = ev.runtime.model, ev.runtime.initial
-    for level in ("global", "persona", "user"):
-        load_level(model, level, initial[level])
+    model = ev.runtime.model
+    ev.clean()
     steps = steps or cfg.num_rounds * cfg.local_steps * 2
     params = activate(model, ("global",), train=("global",), scheme="fedavg")
     optimizer = torch.optim.Adam(params, lr=cfg.user_learning_rate)

@@ -10,12 +10,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 
 def plot_levels(report: Mapping, path: Path) -> Path:
     """Macro perplexity (± 95% CI) of each level and baseline, one bar each."""
     entries = list(report["levels"].items())
-    for name in ("local-only", "centralized"):
+    for name in ("local-only", "local-only-all-steps", "in-context-recent (global)",
+                 "centralized"):
         if name in report.get("baselines", {}):
             entries.append((name, report["baselines"][name]))
     names = [n for n, _ in entries]
@@ -52,6 +54,53 @@ def plot_improvement(report: Mapping, path: Path, *, reference: str = "global",
     ax.set_ylabel("users")
     better = sum(1 for c in changes if c < 0)
     ax.set_title(f"{better} of {len(changes)} users improve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_federation_gain(gain: Mapping, path: Path) -> Path:
+    """One horizontal bar per user: local-only perplexity minus the federated one (right of
+    zero: the federation helps), sorted, the largest gain on top."""
+    per_user = sorted(gain["per_user"].items(), key=lambda kv: kv[1]["gain"])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(per_user) + 1.2)))
+    values = [v["gain"] for _, v in per_user]
+    ax.barh(range(len(per_user)), values,
+            color=["#4477aa" if v > 0 else "#cc6677" for v in values])
+    ax.set_yticks(range(len(per_user)), [u for u, _ in per_user])
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel(f"perplexity of {gain['baseline']} minus {gain['level']}")
+    ax.set_title(f"Federation gain: helps {gain['helped']} of {gain['users']} users")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rounds(report: Mapping, path: Path,
+                levels: Sequence[str] = ("base", "global", "global+persona",
+                                         "global+persona+user")) -> Path:
+    """Left: the released (DP-noised) train loss per round. Right: the macro test perplexity
+    of each level on the fixed users after each round (log scale; a round without the
+    measurement is a gap)."""
+    rounds = report["rounds"]
+    xs = [r["round"] for r in rounds]
+    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    loss_ax.plot(xs, [r["train_loss"] for r in rounds], marker="o", color="#4477aa")
+    loss_ax.set(xlabel="round", ylabel="train loss (DP-noised release)",
+                title="DP train loss per round")
+    for level in levels:
+        ppl_ax.plot(xs, [r.get("eval", {}).get(level, math.nan) for r in rounds], marker="o",
+                    label=level)
+    users = len(report.get("round_eval", {}).get("users", ()))
+    ppl_ax.set(xlabel="round", ylabel="test perplexity (macro)", yscale="log",
+               title=f"Held-out perplexity on {users} fixed users")
+    ppl_ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ppl_ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # plain numbers
+    ppl_ax.legend()
+    for ax in (loss_ax, ppl_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -87,41 +87,47 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     if "report" not in outcome:
         raise RuntimeError(f"simulation ended without a report (see the log; run dir "
                            f"{run_dir_of(cfg)})")
-    report = outcome["report"]
+    report = plot_round_by_round(run_dir_of(cfg), outcome["report"])
     if final_evaluation:
         report = finish_report(run_dir_of(cfg), report, evaluate_run(
             run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k))
     return report
 
 
-def same_users(report: dict) -> dict:
-    """The levels macro-averaged over exactly the baseline users, for a fair side by side."""
-    from shared.metrics import macro_summary
-
-    users = set(report["baselines"]["local-only"]["per_user"])
-    out = {}
-    for level, values in report["levels"].items():
-        per_user = {u: v for u, v in values["per_user"].items() if u in users}
-        ppl = macro_summary({u: v["perplexity"] for u, v in per_user.items()})
-        acc = macro_summary({u: v["token_accuracy"] for u, v in per_user.items()})
-        out[f"{level} (same users)"] = {
-            "perplexity": ppl["mean"], "perplexity_ci95": ppl["ci95"],
-            "token_accuracy": acc["mean"], "token_accuracy_ci95": acc["ci95"],
-            "users": ppl["n"], "per_user": per_user}
-    return out
-
-
 def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
-    """Merge the side-by-side evaluation into the report, draw the plots, rewrite both files."""
+    """Merge the side-by-side evaluation into the report (the levels from the Flower
+    evaluation round on the baselines' users, and the federation gain against them), draw
+    the plots, rewrite both files."""
     from server.report import write_report
-    from simulations.plots import plot_improvement, plot_levels
+    from simulations.evaluate import against_levels
+    from simulations.plots import plot_federation_gain, plot_improvement, plot_levels
 
     report = {**report, **{k: v for k, v in evaluation.items() if k != "seconds"}}
-    report["baselines"] = {**report["baselines"], **same_users(report)}
+    compared = against_levels(report["levels"], report["baselines"],
+                              report.get("untrained_users", ()))
+    report["baselines"] = {**report["baselines"], **compared["same_users"]}
+    report["federation_gain"] = compared["federation_gain"]
     report["evaluation_seconds"] = evaluation.get("seconds")
     report["plots"] = {
+        **report.get("plots", {}),
         "perplexity per level": plot_levels(report, run_dir / "levels.png").name,
-        "per-user improvement": plot_improvement(report, run_dir / "improvement.png").name}
+        "per-user improvement": plot_improvement(report, run_dir / "improvement.png").name,
+        "federation gain per user": plot_federation_gain(
+            report["federation_gain"], run_dir / "federation_gain.png").name}
+    write_report(run_dir, report)
+    return report
+
+
+def plot_round_by_round(run_dir: Path, report: dict) -> dict:
+    """Draw ``rounds.png`` when the rounds were measured (round-eval-users > 0) and
+    rewrite both files to show it; else the report as it is."""
+    from server.report import ROUND_PLOT, write_report
+    from simulations.plots import plot_rounds
+
+    if not report.get("round_eval"):
+        return report
+    report = {**report, "plots": {**report.get("plots", {}),
+                                  ROUND_PLOT: plot_rounds(report, run_dir / "rounds.png").name}}
     write_report(run_dir, report)
     return report
 

@@ -156,7 +156,10 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(deployment):
     for user in USERS:
         store = deployment.root / "pop" / "users" / user / ".fedpersona" / cfg.federation_key
         log = read_wire_log(store / WIRE_LOG)
-        assert [e["message_type"] for e in log] == ["query", "train", "train", "evaluate"]
+        # each round's training, then its measurement on the fixed users (all three
+        # here: round-eval-users = 8), then the final evaluation
+        assert [e["message_type"] for e in log] == ["query", "train", "evaluate", "train",
+                                                    "evaluate", "evaluate"]
         assert check_entries(log, expected) == []
         assert json.loads((store / "ledger.json").read_text())["rounds"] == 2
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 from helpers import fit_persona, tiny_lora, tiny_peft
 
-from server.report import user_check_lines, user_check_summary
+from client.store import DeviceStore
+from server.report import (
+    federation_gain,
+    federation_gain_lines,
+    privacy_summary,
+    user_check_lines,
+    user_check_summary,
+)
 from shared.adapters import level_state, save_adapter
 from shared.config import RunConfig
 from shared.metrics import TokenStats, macro_summary
+from shared.privacy import PrivacyLedger
 from shared.userdata import (
     ROLE_COLD_CHARACTER,
     ROLE_COLD_PLAY,
@@ -25,11 +34,13 @@ from shared.userdata import (
 )
 from simulations import evaluate as evaluation
 from simulations.evaluate import (
+    IN_CONTEXT_ROWS,
     EvaluationError,
     evaluate_run,
     load_run_config,
     summarize,
 )
+from simulations.simulate import finish_report
 
 SEQ_LEN = 24
 STYLE_X = (Record("abab abab abab"), Record("ab abab ab abab")) * 3
@@ -84,6 +95,37 @@ def test_summarize_of_nobody_is_nan_with_zero_users():
     assert summary["users"] == 0 and math.isnan(summary["perplexity"])
 
 
+def test_federation_gain_per_user_mean_and_how_many_it_helps():
+    # Arrange: u4 has no finite baseline, u5 no baseline at all: both left out
+    local_only = {"u1": 10.0, "u2": 20.0, "u3": 8.0, "u4": float("nan")}
+    federated = {"u1": 8.0, "u2": 25.0, "u3": 4.0, "u4": 5.0, "u5": 3.0}
+
+    # Act
+    gain = federation_gain(local_only, federated, excluded=["u9"])
+
+    # Assert: gains 2, -5, 4; relative 20%, -25%, 50%
+    assert gain["per_user"] == {
+        "u1": {"local_only": 10.0, "federated": 8.0, "gain": 2.0, "relative_percent": 20.0},
+        "u2": {"local_only": 20.0, "federated": 25.0, "gain": -5.0, "relative_percent": -25.0},
+        "u3": {"local_only": 8.0, "federated": 4.0, "gain": 4.0, "relative_percent": 50.0}}
+    assert gain["users"] == 3 and gain["helped"] == 2
+    assert gain["mean"] == pytest.approx(1 / 3)
+    assert gain["mean_ci95"] == pytest.approx(1.96 * statistics.stdev([2, -5, 4]) / math.sqrt(3))
+    assert gain["relative_percent_mean"] == pytest.approx(15.0)
+    assert gain["excluded"] == ["u9"]
+    lines = federation_gain_lines(gain)
+    assert "it helps 2 of 3 users" in lines[2]
+    assert "Left out (never trained in the run): u9." in lines
+    assert "| u3   | 8.00" in "\n".join(lines)  # the largest gain first
+
+
+def test_federation_gain_of_nobody_renders_nothing():
+    gain = federation_gain({}, {"u1": 3.0})
+
+    assert gain["users"] == 0 and gain["helped"] == 0 and gain["per_user"] == {}
+    assert federation_gain_lines(gain) == []
+
+
 # -- the run's configuration -------------------------------------------------------------------
 
 def test_user_check_summary_sums_the_devices_tallies_and_names_who_discarded():
@@ -114,25 +156,35 @@ def test_load_run_config_reads_back_the_runs_settings(tmp_path):
 
 # -- evaluate_run on a hand-built run ----------------------------------------------------------
 
+ROUNDS = {"t1": 2, "t2": 0, "t3": 1}  # rounds each device trained in (its ledger says so)
+CONTEXT_TOKENS = 40
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """Two training users (persona a in style X, b in style Y), cold-start users of a known
-    play (declared a; no label) and of a held-out play (label unknown to the run), and a
-    run directory with persona a fitted to X and b to Y."""
+    """Three training users (persona a in style X, b in style Y; t2 never trained), cold-start
+    users of a known play (declared a; no label) and of a held-out play (label unknown to
+    the run), and a run directory with persona a fitted to X and b to Y."""
     root = tmp_path_factory.mktemp("evaluate")
-    write_population(root / "pop", [
+    population = write_population(root / "pop", [
         (ROLE_TRAIN, UserData(Profile("t1", "a"), STYLE_X, TEST_X)),
         (ROLE_TRAIN, UserData(Profile("t2", "b"), STYLE_Y, TEST_Y)),
+        (ROLE_TRAIN, UserData(Profile("t3", "b"), STYLE_Y, TEST_Y)),
         (ROLE_COLD_CHARACTER, UserData(Profile("c1", "a"), STYLE_X, TEST_X)),
         (ROLE_COLD_CHARACTER, UserData(Profile("c2", None), STYLE_X, TEST_X)),
         (ROLE_COLD_PLAY, UserData(Profile("p1", "pastoral"), STYLE_Y, TEST_Y)),
     ], {"personas": ["a", "b"]})
     run = root / "run"
     cfg = RunConfig(model="tiny", data_dir=str(root / "pop"), max_users=0, num_rounds=1,
-                    local_steps=1, user_steps=0, batch_size=2, seq_len=SEQ_LEN,
+                    local_steps=1, user_steps=3, batch_size=2, seq_len=SEQ_LEN,
                     run_dir=str(run), device="cpu", lora_rank=4, lora_alpha=8.0,
-                    eval_max_records=2)
+                    eval_max_records=2, user_learning_rate=0.05)
     run.mkdir()
+    for user_id, rounds in ROUNDS.items():  # what the devices' ledgers would say, without DP
+        if rounds:
+            DeviceStore(population.user_dir(user_id), cfg.federation_key).save_ledger(
+                PrivacyLedger(target_epsilon=math.inf, target_delta=cfg.target_delta,
+                              rounds=rounds))
     (run / "report.json").write_text(json.dumps({"config": cfg.to_flower()}))
     model = tiny_peft(seed=0)
     start = level_state(model, "persona")
@@ -145,7 +197,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(run_dir):
     return evaluate_run(run_dir, cold_start_k=3, baseline_users=1, centralized_steps=2,
-                        progress=lambda _: None)
+                        context_tokens=CONTEXT_TOKENS, progress=lambda _: None)
 
 
 def test_evaluate_run_reports_levels_baselines_and_both_cold_start_groups(evaluated):
@@ -153,10 +205,8 @@ def test_evaluate_run_reports_levels_baselines_and_both_cold_start_groups(evalua
                               "seconds"}
     assert set(evaluated["levels"]) == {"base", "global", "global+persona",
                                         "global+persona+user"}
-    assert all(level["users"] == 2 and set(level["per_user"]) == {"t1", "t2"}
+    assert all(level["users"] == 3 and set(level["per_user"]) == {"t1", "t2", "t3"}
                for level in evaluated["levels"].values())
-    assert set(evaluated["baselines"]["local-only"]["per_user"]) == {"t1"}
-    assert set(evaluated["baselines"]["centralized"]["per_user"]) == {"t1"}
     assert set(evaluated["cold_start"]["choices"]) == {"c1", "c2"}
     assert set(evaluated["cold_start_held_out_plays"]["choices"]) == {"p1"}
 
@@ -218,3 +268,81 @@ def test_evaluate_run_refuses_a_cold_start_user_who_took_part_in_training(
 def test_evaluate_run_without_a_report_is_refused(tmp_path):
     with pytest.raises(EvaluationError, match="missing"):
         evaluate_run(tmp_path, progress=lambda _: None)
+
+
+# -- the baselines, on the users that trained --------------------------------------------------
+
+FAIR = {"t1", "t3"}  # t2 never trained: no local-only baseline is fair to it
+
+
+def test_baselines_run_on_the_users_that_trained_and_leave_out_the_others(evaluated):
+    baselines = evaluated["baselines"]
+
+    assert evaluated["untrained_users"] == ["t2"]
+    for name in ("local-only", "local-only-all-steps", *IN_CONTEXT_ROWS, "centralized",
+                 "base (same users)", "global+persona+user (same users)"):
+        assert set(baselines[name]["per_user"]) == FAIR, name
+        assert baselines[name]["users"] == 2, name
+    assert set(baselines["local-only-dp-global"]["per_user"]) == {"t1"}  # baseline_users=1
+    gain = evaluated["federation_gain"]
+    assert set(gain["per_user"]) == FAIR and gain["excluded"] == ["t2"]
+    assert gain["users"] == 2 and 0 <= gain["helped"] <= 2
+
+
+def test_local_only_trains_the_user_adapter_alone_and_beats_the_base_model(evaluated):
+    baselines, levels = evaluated["baselines"], evaluated["levels"]
+
+    for user in FAIR:
+        base = levels["base"]["per_user"][user]["perplexity"]
+        local = baselines["local-only"]["per_user"][user]["perplexity"]
+        more = baselines["local-only-all-steps"]["per_user"][user]["perplexity"]
+        assert math.isfinite(local) and local < base
+        assert math.isfinite(more) and more != pytest.approx(local)  # more steps, other result
+
+
+def test_federation_gain_is_local_only_minus_the_federated_level(evaluated):
+    gain = evaluated["federation_gain"]
+    local = evaluated["baselines"]["local-only"]["per_user"]
+    federated = evaluated["levels"]["global+persona+user"]["per_user"]
+
+    for user, value in gain["per_user"].items():
+        assert value["gain"] == pytest.approx(
+            local[user]["perplexity"] - federated[user]["perplexity"])
+    assert gain["helped"] == sum(v["gain"] > 0 for v in gain["per_user"].values())
+
+
+def test_in_context_rows_score_the_same_tokens_as_the_levels(evaluated):
+    baselines, levels = evaluated["baselines"], evaluated["levels"]
+
+    for name in IN_CONTEXT_ROWS:
+        for user in FAIR:
+            assert math.isfinite(baselines[name]["per_user"][user]["perplexity"]), name
+
+
+def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
+        evaluated, tmp_path):
+    # Arrange: a server report with the levels from its Flower evaluation round
+    cfg = RunConfig(model="tiny", num_rounds=1, seq_len=SEQ_LEN)
+    server = {"config": cfg.to_flower(), "num_users": 3, "rounds": [],
+              "privacy": privacy_summary({}, dp=False, delta=1e-5, budget=math.inf),
+              "levels": evaluated["levels"]}
+    evaluation = {**{k: v for k, v in evaluated.items()
+                     if k not in ("levels", "federation_gain")},
+                  "baselines": {k: v for k, v in evaluated["baselines"].items()
+                                if not k.endswith("(same users)")}}
+
+    # Act
+    report = finish_report(tmp_path, server, evaluation)
+
+    # Assert
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["federation_gain"] == evaluated["federation_gain"]
+    assert report["baselines"].keys() == evaluated["baselines"].keys()
+    assert (tmp_path / "federation_gain.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Federation gain" in markdown
+    assert "![federation gain per user](federation_gain.png)" in markdown
+    assert "| local-only-all-steps " in markdown and "| in-context-retrieved (global) " \
+        in markdown
+    assert "left out as they never trained: t2 (a fair" in markdown
+    assert "`local-only-dp-global` ran on 1 of these users" in markdown

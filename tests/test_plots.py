@@ -122,3 +122,43 @@ def test_plot_privacy_utility_with_chosen_levels(tmp_path, figures):
     _assert_png(plot_privacy_utility(_rows([2.0, math.inf]), tmp_path / "pu.png",
                                      levels=("global",)))
     assert [line.get_label() for line in figures[0].axes[0].get_lines()] == ["global"]
+
+
+def test_plot_federation_gain_one_sorted_bar_per_user_around_zero(tmp_path, figures):
+    gain = {"baseline": "local-only", "level": "global+persona+user", "users": 3, "helped": 2,
+            "per_user": {"u1": {"gain": 5.0}, "u2": {"gain": -2.0}, "u3": {"gain": 9.0}}}
+
+    _assert_png(plots.plot_federation_gain(gain, tmp_path / "federation_gain.png"))
+
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["u2", "u1", "u3"]  # largest on top
+    assert [bar.get_width() for bar in ax.patches] == [-2.0, 5.0, 9.0]
+    assert ax.get_title() == "Federation gain: helps 2 of 3 users"
+
+
+def _rounds_report(measured=(1, 2, 3)) -> dict:
+    rounds = [{"round": r, "train_loss": 5.0 - r, "update_norm": 0.1,
+               **({"eval": {level: 100.0 / r - 10.0 * i for i, level in enumerate(LEVELS)}}
+                  if r in measured else {})}
+              for r in (1, 2, 3)]
+    return {"rounds": rounds, "round_eval": {"users": ["u1", "u2"], "max_records": 4}}
+
+
+def test_plot_rounds_draws_the_dp_train_loss_and_one_log_line_per_level(tmp_path, figures):
+    path = plots.plot_rounds(_rounds_report(), tmp_path / "rounds.png")
+
+    assert path == tmp_path / "rounds.png"
+    _assert_png(path)
+    loss_ax, ppl_ax = figures[0].axes
+    assert list(loss_ax.get_lines()[0].get_ydata()) == [4.0, 3.0, 2.0]
+    assert [line.get_label() for line in ppl_ax.get_lines()] == list(LEVELS)
+    assert list(ppl_ax.get_lines()[1].get_ydata()) == pytest.approx([90.0, 40.0, 100 / 3 - 10])
+    assert ppl_ax.get_yscale() == "log"
+    assert ppl_ax.get_title() == "Held-out perplexity on 2 fixed users"
+
+
+def test_plot_rounds_leaves_a_gap_for_a_round_without_the_measurement(tmp_path, figures):
+    _assert_png(plots.plot_rounds(_rounds_report(measured=(1, 3)), tmp_path / "rounds.png"))
+
+    base = figures[0].axes[1].get_lines()[0].get_ydata()
+    assert base[0] == 100.0 and math.isnan(base[1]) and base[2] == pytest.approx(100 / 3)

@@ -534,7 +534,7 @@ def _stop_in_collect(server_round: int):
 def _history(state: ServerState) -> list[dict]:
     """The round history without what varies between protocol runs: timings, and bytes
     (node ids are random varints, keys are fresh); NaN (no update norm) as a string."""
-    varies = {"seconds", "stages", "bytes_sent", "bytes_received"}
+    varies = {"seconds", "eval_seconds", "stages", "bytes_sent", "bytes_received"}
 
     def same(value):
         if isinstance(value, dict):
