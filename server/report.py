@@ -29,12 +29,14 @@ def level_metrics(per_user_stats: Mapping[str, Mapping[str, TokenStats]]) -> dic
 
 
 def privacy_summary(epsilon_per_user: Mapping[str, float], *, dp: bool, delta: float,
-                    budget: float) -> dict[str, Any]:
+                    budget: float, accountant: str = "rdp",
+                    mechanism: str = "local") -> dict[str, Any]:
     if not dp:
         return {"dp": False, "note": "no DP", "delta": None, "epsilon_per_user": {},
                 "epsilon_max": None}
     finite = [e for e in epsilon_per_user.values() if math.isfinite(e)]
-    return {"dp": True, "accountant": "rdp", "delta": delta, "target_epsilon": budget,
+    return {"dp": True, "accountant": accountant, "mechanism": mechanism, "delta": delta,
+            "target_epsilon": budget,
             "epsilon_per_user": dict(sorted(epsilon_per_user.items())),
             "epsilon_max": max(finite) if finite else 0.0,
             "over_budget": sorted(u for u, e in epsilon_per_user.items() if e > budget)}
@@ -277,9 +279,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += round_lines(report)
     lines += ["## Privacy", ""]
     if privacy["dp"]:
-        lines.append(f"Record-level DP-SGD on each device: epsilon_max = "
+        accountant = privacy.get("accountant", "rdp").upper()
+        where = ("each client adds a share of the noise, the SecAgg+ sum carries all of it "
+                 "(distributed DP)" if privacy.get("mechanism") == "distributed"
+                 else "each device adds all of the noise")
+        lines.append(f"Record-level DP-SGD on each device ({where}): epsilon_max = "
                      f"{privacy['epsilon_max']:.3f} at delta = {privacy['delta']:g} "
-                     f"(budget {privacy['target_epsilon']:g}, RDP accountant), over "
+                     f"(budget {privacy['target_epsilon']:g}, {accountant} accountant), over "
                      f"{len(privacy['epsilon_per_user'])} users.")
         if privacy["over_budget"]:
             lines.append(f"Over budget: {', '.join(privacy['over_budget'])}")

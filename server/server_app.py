@@ -172,6 +172,7 @@ class RoundReplies:
     rejected: list[dict] = field(default_factory=list)
     norms: list[float] = field(default_factory=list)
     losses: list[tuple[float, int]] = field(default_factory=list)
+    noise_multipliers: list[float] = field(default_factory=list)  # accounted, per client
     private_choices: list[int] = field(default_factory=list)
 
 
@@ -218,6 +219,8 @@ def run_round(grid: Grid, run: Run, server_round: int,
         "declined": got.declined, "rejected": len(got.rejected),
         "train_loss": weighted_loss(got.losses),
         "update_norm": statistics.fmean(got.norms) if got.norms else float("nan"),
+        **({"noise_multiplier": [min(got.noise_multipliers), max(got.noise_multipliers)]}
+           if got.noise_multipliers else {}),
         **({"private_choices": sum(got.private_choices),
             "clusters_chosen": len(got.private_choices)} if discovering else {}),
         **(secure.history() if secure else {}),
@@ -315,6 +318,8 @@ def collect_replies(run: Run, replies: list[Message], chosen: list[int], server_
         got.norms.append(float(metrics["update-norm"]))
         got.losses.append((float(metrics.get("train-loss", float("nan"))),
                            update.num_examples))
+        if cfg.dp and "noise-multiplier" in metrics:
+            got.noise_multipliers.append(float(metrics["noise-multiplier"]))
     if secure and cfg.dp:  # a halted SecAgg+ round: its devices spent all the same
         for node, epsilon in secure.spent.items():
             state.epsilon_per_user[user_name[node]] = epsilon
@@ -347,7 +352,8 @@ def final_report(grid: Grid, run: Run, started: float,
            if run.eval_users else {}),
         "rejected_updates": state.rejected,
         "privacy": privacy_summary(state.epsilon_per_user, dp=cfg.dp, delta=cfg.target_delta,
-                                   budget=cfg.target_epsilon),
+                                   budget=cfg.target_epsilon, accountant=cfg.accountant,
+                                   mechanism="distributed" if cfg.distributed_dp else "local"),
         "user_level_privacy": (state.central_dp.summary() if cfg.central_dp and state.central_dp
                                else {"central_dp": False}),
         "levels": level_metrics(per_user),

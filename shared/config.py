@@ -60,14 +60,14 @@ class RunConfig:
     num_rounds: int = 5
     clients_per_round: int = 8
     # -- local training ---------------------------------------------------------
-    local_steps: int = 4  # DP-SGD steps on the released (global + persona) adapters per round
+    local_steps: int = 1  # DP-SGD steps on the released (global + persona) adapters per round
     user_steps: int = 6  # steps on the on-device user adapter per round (never released)
     batch_size: int = 8  # expected (Poisson) batch size
     seq_len: int = 64
-    learning_rate: float = 0.02
+    learning_rate: float = 3.0  # of the released levels' noisy steps (SGD: large)
     # the noisy steps' optimizer: "sgd" lets the noise average out across steps and
     # clients; "adam" normalises every coordinate, noise included
-    local_optimizer: str = "adam"
+    local_optimizer: str = "sgd"
     user_learning_rate: float = 0.002
     # last share of a user's training records that decides, on the device, whether a
     # newly trained user adapter is kept (it must not raise their loss); 0 keeps every one
@@ -82,12 +82,12 @@ class RunConfig:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     # Poisson rate of the DP-SGD batches; 0 = batch-size / records (the user's own rate)
-    dp_sample_rate: float = 0.0
+    dp_sample_rate: float = 1.0
     # rounds a device plans its budget for: each time it trains it picks the smallest
     # noise multiplier that leaves enough for the rest; 0 = noise-multiplier, fixed
-    planned_rounds: int = 0
-    loss_noise_multiplier: float = 0.0  # the noisy train-loss release; 0 = noise-multiplier
-    accountant: str = "rdp"  # "rdp" or "prv" (tighter, sound): what the budget is enforced with
+    planned_rounds: int = 2
+    loss_noise_multiplier: float = 4.0  # the noisy train-loss release; 0 = noise-multiplier
+    accountant: str = "prv"  # "rdp" or "prv" (tighter, sound): what the budget is enforced with
     grad_sample_mode: str = "hooks"  # Opacus per-record clipping: "hooks" or "ghost" clipping
     target_epsilon: float = 8.0  # per-user budget; a client refuses a round that would pass it
     target_delta: float = 1e-5

@@ -10,7 +10,13 @@ import math
 import pytest
 import torch
 from flwr.app import MessageType
-from helpers import initial_server_state, node_context, round_message, small_config
+from helpers import (
+    FIXED_NOISE,
+    initial_server_state,
+    node_context,
+    round_message,
+    small_config,
+)
 
 from client.client_app import evaluate, query, train
 from client.store import DeviceStore
@@ -35,7 +41,7 @@ def _train(cfg, persona="a", *, partition=0, server_round=1, personas=("a", "b")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One training round of user u1 (persona "a"); read-only for the tests that share it."""
-    cfg = small_config(tmp_path_factory.mktemp("trained"))
+    cfg = small_config(tmp_path_factory.mktemp("trained"), **FIXED_NOISE)
     return cfg, _train(cfg)
 
 
@@ -86,7 +92,7 @@ def test_train_metrics_and_ledger_on_disk(trained):
 
 def test_epsilon_composes_over_rounds(tmp_path):
     # Arrange
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, **FIXED_NOISE)
 
     # Act
     first = _train(cfg, server_round=1).content.metric_records[KEY_METRICS]["epsilon"]

@@ -43,7 +43,8 @@ def test_distributed_dp_refuses_settings_that_break_the_pooled_step(change, miss
 
 def test_each_client_adds_a_share_and_the_ledger_accounts_the_whole():
     # Arrange
-    cfg = RunConfig(**DISTRIBUTED, noise_multiplier=1.2)
+    cfg = RunConfig(**DISTRIBUTED, noise_multiplier=1.2, planned_rounds=0,
+                    loss_noise_multiplier=0.0)
     ledger = PrivacyLedger(target_epsilon=8.0, target_delta=1e-5)
 
     # Act

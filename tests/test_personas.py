@@ -12,7 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
-from helpers import fit_persona, instruction, node_context, small_config, tiny_peft
+from helpers import (
+    FIXED_NOISE,
+    fit_persona,
+    instruction,
+    node_context,
+    small_config,
+    tiny_peft,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -337,7 +344,7 @@ def test_discovery_round_trains_the_cluster_that_fits_the_user(tmp_path, cluster
 def test_private_discovery_round_spends_the_selection_in_the_ledger(tmp_path, clusters):
     # Arrange
     cfg, names, state = _discovery_setup(tmp_path, clusters, dp=True, noise_multiplier=1.0,
-                                         selection_noise=2.0)
+                                         selection_noise=2.0, **FIXED_NOISE)
     msg = _discovery_message(cfg, state, names, cfg.discovery_warmup + 2)
 
     # Act
@@ -355,7 +362,8 @@ def test_private_discovery_round_spends_the_selection_in_the_ledger(tmp_path, cl
 
 
 def test_random_start_round_costs_no_selection_privacy(tmp_path, clusters):
-    cfg, names, state = _discovery_setup(tmp_path, clusters, dp=True, selection_noise=2.0)
+    cfg, names, state = _discovery_setup(tmp_path, clusters, dp=True, selection_noise=2.0,
+                                         **FIXED_NOISE)
     msg = _discovery_message(cfg, state, names, cfg.discovery_warmup + 1)
 
     reply = train(msg, node_context(0))

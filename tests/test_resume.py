@@ -15,6 +15,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 from helpers import (
+    FIXED_NOISE,
     initial_server_state,
     node_context,
     randomize_level,
@@ -88,7 +89,7 @@ def test_a_resent_round_replays_the_released_reply_without_training_or_spending(
 
 def test_a_changed_instruction_is_trained_and_spent_again(tmp_path):
     # Arrange
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, **FIXED_NOISE)
     store = _store(cfg)
     first = train(_message(cfg), node_context(0))
     user = _files(store.user_adapter_path)
@@ -204,7 +205,7 @@ def test_content_digest_sees_every_byte_name_and_type():
 
 def test_a_kill_after_the_ledger_is_saved_leaves_the_spend_recorded(tmp_path, monkeypatch):
     # Arrange: the device dies while building its reply, after the ledger was saved
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, **FIXED_NOISE)
     store = _store(cfg)
 
     def killed(*args, **kwargs):

@@ -276,13 +276,20 @@ def test_user_adapter_settings_do_not_change_what_a_device_releases(tmp_path):
     """The user adapter trains after the reply is final and is inactive in DP training:
     its settings are no input of the reply, so the same draws give the same bytes (and
     a comparison of user-adapter settings is paired at the shared levels)."""
-    from helpers import initial_server_state, node_context, round_message, small_config
+    from helpers import (
+        FIXED_NOISE,
+        initial_server_state,
+        node_context,
+        round_message,
+        small_config,
+    )
 
     from client.client_app import train
     from shared.records import record_to_state
     from shared.wire import KEY_GLOBAL, KEY_PERSONA
 
-    cfg = small_config(tmp_path)
+    # a fixed noise multiplier: a calibrated one would follow the spend of each call
+    cfg = small_config(tmp_path, **FIXED_NOISE)
     state = initial_server_state(cfg)
     replies = [train(round_message(c, state, "a", "train"), node_context(0))
                for c in (cfg, cfg.replace(user_steps=4, user_learning_rate=0.05,
@@ -291,7 +298,7 @@ def test_user_adapter_settings_do_not_change_what_a_device_releases(tmp_path):
     for key in (KEY_GLOBAL, KEY_PERSONA):
         a, b = (record_to_state(r.content[key]) for r in replies)
         assert all(torch.equal(a[k], b[k]) for k in a)
-    changed = small_config(tmp_path).replace(learning_rate=cfg.learning_rate * 2)
+    changed = cfg.replace(learning_rate=cfg.learning_rate * 2)
     other = record_to_state(train(round_message(changed, state, "a", "train"),
                                   node_context(0)).content[KEY_GLOBAL])
     first = record_to_state(replies[0].content[KEY_GLOBAL])

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import text_records, write_small_population
+from helpers import FIXED_NOISE, text_records, write_small_population
 
 import simulations.simulate as simulate_module
 from shared.config import ConfigError, RunConfig
@@ -21,6 +21,7 @@ from simulations.sweep import (
     expected_participations,
     parse_epsilons,
     run_sweep_command,
+    sweep_rows,
 )
 
 # -- parse_epsilons ----------------------------------------------------------------------------
@@ -81,8 +82,10 @@ BUDGETS = (1.0, 4.0, 8.0)
 
 @pytest.fixture(scope="module")
 def calibrated(small_population):
-    """Defaults: 5 rounds of 8 clients over 3 users -> every round; 4 steps + 1 release."""
-    cfg = RunConfig(model="tiny", data_dir=str(small_population), max_users=0)
+    """5 rounds of 8 clients over 3 users -> every round; 4 steps + 1 release, the fixed
+    noise the sweep calibrates (with planned-rounds the devices calibrate their own)."""
+    cfg = RunConfig(model="tiny", data_dir=str(small_population), max_users=0, local_steps=4,
+                    **FIXED_NOISE)
     return cfg, {budget: calibrated_config(cfg, budget) for budget in BUDGETS}
 
 
@@ -118,7 +121,7 @@ def test_calibration_is_at_the_rate_of_the_user_with_fewest_records(tmp_path):
         ("train", UserData(Profile(f"u{n}", "a"), text_records(n))) for n in (40, 10, 20)],
         {"personas": ["a"]})
     cfg = RunConfig(model="tiny", data_dir=str(tmp_path / "pop"), max_users=0, num_rounds=4,
-                    clients_per_round=3, local_steps=3, batch_size=4)
+                    clients_per_round=3, local_steps=3, batch_size=4, **FIXED_NOISE)
 
     # Act
     tuned = calibrated_config(cfg, 4.0)
@@ -138,7 +141,7 @@ def test_calibration_under_discovered_personas_leaves_room_for_the_private_choic
     # random start, rounds 2 and 3 each add the private choice
     cfg = RunConfig(model="tiny", data_dir=str(small_population), max_users=0,
                     personas="discovered:2", discovery_warmup=0, num_rounds=3,
-                    clients_per_round=3, selection_noise=1.0)
+                    clients_per_round=3, selection_noise=1.0, **FIXED_NOISE)
 
     # Act
     tuned = calibrated_config(cfg, 8.0)
@@ -180,7 +183,8 @@ def test_sweep_runs_each_budget_and_writes_table_and_plot(small_population, tmp_
 
     monkeypatch.setattr(simulate_module, "simulate", fake_simulate)
     out = tmp_path / "sweep"
-    settings = ["model=tiny", f"data-dir={small_population}", "max-users=0"]
+    settings = ["model=tiny", f"data-dir={small_population}", "max-users=0",
+                "planned-rounds=0"]
 
     # Act
     code = run_sweep_command(out, "inf,4", settings)
@@ -279,3 +283,15 @@ def test_comparison_rows_on_hand_values():
     assert row["variant"] == "v" and row["epsilon max"] == pytest.approx(3.8)
     assert row["base ppl"] == pytest.approx(52.5)
     assert row["global+persona+user ppl"] == pytest.approx(37.5)
+
+
+def test_with_planned_rounds_the_sweep_only_sets_the_budget_and_devices_calibrate(
+        small_population):
+    cfg = RunConfig(model="tiny", data_dir=str(small_population), max_users=0,
+                    planned_rounds=2)
+
+    tuned = calibrated_config(cfg, 4.0)
+
+    assert tuned == cfg.replace(dp=True, target_epsilon=4.0)
+    assert sweep_rows({4.0: _fake_report(tuned)})[0]["noise multiplier"] == \
+        "calibrated per device"
