@@ -75,11 +75,12 @@ def write_small_population(root: Path, *, num_train: int = 20, num_test: int = 4
     return write_population(root, users, {"personas": list(PERSONAS)})
 
 
-# The fixed-noise mechanism (before on-device calibration became the default): a fixed
-# noise multiplier at rate batch / records, the train loss released at the same noise, RDP.
-# Tests that pin exact ledger entries of that mechanism ask for it explicitly.
+# The recipe before 2026-12-01 (before on-device calibration became the default): Adam on
+# small Poisson batches at rate batch / records, a fixed noise multiplier, the train loss
+# released at the same noise, RDP. Tests that pin exact ledger entries of that mechanism,
+# or that need every device in every round, ask for it explicitly.
 FIXED_NOISE = dict(planned_rounds=0, dp_sample_rate=0.0, loss_noise_multiplier=0.0,
-                   accountant="rdp")
+                   accountant="rdp", local_optimizer="adam", learning_rate=0.02)
 
 
 def small_config(tmp_path: Path, **changes) -> RunConfig:

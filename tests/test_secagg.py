@@ -38,7 +38,7 @@ from shared.wire import (
     KEY_ROUND,
     read_run_config,
 )
-from tests.helpers import PERSONAS, small_config
+from tests.helpers import FIXED_NOISE, PERSONAS, small_config
 
 SHAPES = {"b.weight": (2, 3), "a.weight": (4,)}
 
@@ -630,7 +630,7 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
     monkeypatch.setattr(server.checkpoint, "KEEP_SNAPSHOTS", 100)  # every round's state
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=6,
                        target_epsilon=50.0, secagg_max_weight=32, fault_fraction=0.3,
-                       max_update_norm=2.0)
+                       max_update_norm=2.0, **FIXED_NOISE)  # every device, every round
     users = ["u1", "u2", "u3"]
     (faulty,) = faulty_users(users, seed=cfg.seed, fraction=cfg.fault_fraction)
     kinds = [fault_schedule(users, seed=cfg.seed, fraction=cfg.fault_fraction,
@@ -675,7 +675,7 @@ def test_a_halted_secagg_round_still_reports_what_the_honest_device_spent(tmp_pa
 
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=1,
                        target_epsilon=50.0, secagg_max_weight=32, fault_fraction=0.67,
-                       fault_kinds="nan")
+                       fault_kinds="nan", **FIXED_NOISE)  # the RDP figure it checks
     faulty = faulty_users(["u1", "u2", "u3"], seed=cfg.seed, fraction=cfg.fault_fraction)
     (honest,) = {"u1", "u2", "u3"} - set(faulty)
 
