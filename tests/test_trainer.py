@@ -56,6 +56,19 @@ def _per_record_grads(model, params, data) -> list[list[torch.Tensor]]:
     return grads
 
 
+def _clipped_mean_at_median(model, params, data) -> tuple[float, list[torch.Tensor]]:
+    """``(clip, mean)``: the clip at the median per-record gradient norm (so both branches
+    of clipping are taken) and the mean of the clipped per-record gradients, by hand."""
+    per_record = _per_record_grads(model, params, data)
+    norms = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+                         for grads in per_record])
+    max_grad_norm = float(norms.median())
+    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    return max_grad_norm, [sum(float(factors[i]) * per_record[i][j].double()
+                               for i in range(len(data))) / len(data)
+                           for j in range(len(params))]
+
+
 def _states(model) -> dict[str, dict[str, torch.Tensor]]:
     return {level: level_state(model, level) for level in LEVELS}
 
@@ -124,13 +137,7 @@ def test_both_grad_sample_modes_give_the_clipped_mean_of_per_record_gradients(mo
     # Arrange: the clip sits at the median per-record norm, so both branches are taken
     _nonzero_released(model)
     params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
-    per_record = _per_record_grads(model, params, data)
-    norms = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-                         for grads in per_record])
-    max_grad_norm = float(norms.median())
-    factors = torch.clamp(max_grad_norm / norms, max=1.0)
-    expected = [sum(float(factors[i]) * per_record[i][j].double() for i in range(len(data)))
-                / len(data) for j in range(len(params))]
+    max_grad_norm, expected = _clipped_mean_at_median(model, params, data)
     dp = DPSettings(enabled=True, noise_multiplier=0.0, max_grad_norm=max_grad_norm)
     optimizer = ReleasedOptimizer(model, params, lr=1e-3, dp=dp, batch_size=len(data),
                                   generator=torch.Generator().manual_seed(0),
@@ -435,16 +442,10 @@ def test_sgd_step_over_micro_batches_is_minus_lr_times_the_clipped_mean(model, d
     monkeypatch.setattr(trainer, "MICRO_BATCH", micro_batch)
     _nonzero_released(model)
     params = activate(model, RELEASED_LEVELS, train=RELEASED_LEVELS)
-    per_record = _per_record_grads(model, params, data)
-    norms = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-                         for grads in per_record])
-    max_grad_norm = float(norms.median())
-    factors = torch.clamp(max_grad_norm / norms, max=1.0)
+    max_grad_norm, clipped_mean = _clipped_mean_at_median(model, params, data)
     lr = 0.5
     before = [p.detach().double().clone() for p in params]
-    expected = [before[j] - lr * sum(float(factors[i]) * per_record[i][j].double()
-                                     for i in range(len(data))) / len(data)
-                for j in range(len(params))]
+    expected = [before[j] - lr * clipped_mean[j] for j in range(len(params))]
     dp = DPSettings(enabled=True, noise_multiplier=0.0, max_grad_norm=max_grad_norm)
     optimizer = ReleasedOptimizer(model, params, lr=lr, dp=dp, batch_size=len(data),
                                   generator=torch.Generator().manual_seed(0), optimizer="sgd")
