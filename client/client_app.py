@@ -71,6 +71,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(released, reply_to=msg)
     ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
                                accountant=cfg.accountant)
+    store.reopen_unreleased(ledger, int(info["server-round"]), instruction)
     data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
     clusters = cluster_states(msg.content)
     persona_index = _persona_index(user, info)
@@ -114,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     train_loss, _ = private_mean_loss(
         runtime.model, data, rate=rate, generator=generator,
         dp=DPSettings(dp.enabled, loss_noise(cfg, budget.noise_multiplier), cfg.max_grad_norm))
-    ledger.record(*entries)
+    ledger.record(*entries, opening=(int(info["server-round"]), instruction))
     store.save_ledger(ledger)  # spent before anything leaves the device
 
     reply = RecordDict({KEY_GLOBAL: state_to_record(
@@ -142,6 +143,8 @@ def train(msg: Message, context: Context) -> Message:
     reply[KEY_METRICS] = MetricRecord(metrics)
     store.commit_round(Replay(int(info["server-round"]), instruction, reply, user_state),
                        runtime.lora)  # the replay, then the user adapter
+    ledger.close()
+    store.save_ledger(ledger)  # the reply is kept: from here it may leave
     if user_round.checked:
         # A tally for the device and a simulation's report, kept after the commit: a
         # kill in between loses one count, nothing else.

@@ -6,11 +6,14 @@ written atomically, so a
 client killed mid-round leaves the previous ledger (it was written before any
 reply could leave) or the new one, never a torn file.
 
-A train round commits in this order: ledger (the spend), then the replay file
-(the released reply and the new user adapter, :mod:`client.replay`), then the
-user adapter. A kill between any two steps leaves the device over-counted at
-worst, never under-counted, and a resent round either trained afresh from the
-old user adapter or replayed with the user adapter completed from the replay.
+A train round commits in this order: ledger (the spend, with the round marked
+open), then the replay file (the released reply and the new user adapter,
+:mod:`client.replay`), then the user adapter, then the ledger again (the round
+closed: its reply may leave). A kill between any two steps never leaves the
+device under-counted; a resent round either replays the kept reply (with the
+user adapter completed from it) or, if nothing was kept, is trained afresh from
+the old user adapter and accounted once: the open attempt never released
+anything, so its entries are taken back (:meth:`DeviceStore.reopen_unreleased`).
 """
 
 from __future__ import annotations
@@ -126,6 +129,21 @@ class DeviceStore:
             write_bytes_atomic(self.replay_path, data)
         if replay.user_state is not None:
             self.save_user_adapter(replay.user_state, lora)
+
+    def reopen_unreleased(self, ledger: PrivacyLedger, server_round: int,
+                          instruction: str) -> None:
+        """Let ``ledger`` take back an attempt at this very round that was accounted but
+        stopped before its reply was kept, so nothing of it left the device
+        (:meth:`PrivacyLedger.reopen`). A replay file that cannot be read might have
+        held that reply: then the round stays accounted and the retry over-counts."""
+        if self.replay_path.is_file():
+            try:
+                unpack(self.replay_path)
+            except ReplayError:
+                return
+        if ledger.reopen(server_round, instruction):
+            log.info("round %d: the unreleased attempt's spend is taken back for its retry",
+                     server_round)
 
     def replayed_reply(self, server_round: int, instruction: str,
                        lora: LoraConfig) -> RecordDict | None:

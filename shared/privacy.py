@@ -110,6 +110,9 @@ class PrivacyLedger:
     history: list[HistoryEntry] = field(default_factory=list)
     rounds: int = 0
     accountant: str = "rdp"  # the one the budget is enforced with
+    # The round accounted last whose reply has not yet been released: (server round,
+    # instruction digest, history length and rounds before it); see :meth:`reopen`.
+    open_round: tuple[int, str, int, int] | None = None
 
     @property
     def epsilon(self) -> float:
@@ -127,16 +130,37 @@ class PrivacyLedger:
     def can_afford(self, *entries: HistoryEntry) -> bool:
         return self.epsilon_after(*entries) <= self.target_epsilon
 
-    def record(self, *entries: HistoryEntry) -> None:
-        """Add one round's mechanisms (called before their results may leave the device)."""
+    def record(self, *entries: HistoryEntry, opening: tuple[int, str] | None = None) -> None:
+        """Add one round's mechanisms (called before their results may leave the device).
+        ``opening`` (server round, instruction digest) marks the round open until
+        :meth:`close`."""
         for entry in entries:
             sigma, q, steps = entry
             if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and math.isfinite(sigma)):
                 raise ValueError(f"invalid accountant entry {entry}")
+        before = (len(self.history), self.rounds)
         for sigma, q, steps in entries:
             if steps:
                 self.history.append((float(sigma), float(q), int(steps)))
         self.rounds += 1
+        if opening is not None:
+            self.open_round = (*opening, *before)
+
+    def close(self) -> None:
+        """The open round's reply is kept and may now leave: it can no longer be reopened."""
+        self.open_round = None
+
+    def reopen(self, server_round: int, instruction: str) -> bool:
+        """Take back the entries of an attempt at this very round that never released
+        anything (the device stopped between accounting and keeping its reply), so that
+        the retry is accounted once, as the uninterrupted run was: an output that never
+        left costs no privacy. Only in memory; the file keeps them until the retry's own
+        identical entries are recorded. True if something was taken back."""
+        if self.open_round is None or self.open_round[:2] != (server_round, instruction):
+            return False
+        history_len, rounds = self.open_round[2:]
+        self.history, self.rounds, self.open_round = self.history[:history_len], rounds, None
+        return True
 
     def to_json(self) -> dict:
         # JSON has no Infinity: an unlimited budget is written as null
@@ -144,7 +168,8 @@ class PrivacyLedger:
         return {"target_epsilon": budget, "target_delta": self.target_delta,
                 "history": [list(e) for e in self.history], "rounds": self.rounds,
                 "epsilon": self.epsilon, "accountant": self.accountant,
-                "rdp_epsilon": self.rdp_epsilon}
+                "rdp_epsilon": self.rdp_epsilon,
+                "open_round": list(self.open_round) if self.open_round else None}
 
     @classmethod
     def from_json(cls, raw: dict) -> PrivacyLedger:
@@ -153,7 +178,15 @@ class PrivacyLedger:
                    target_delta=float(raw["target_delta"]),
                    history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
                    rounds=int(raw.get("rounds", 0)),
-                   accountant=_known_accountant(raw.get("accountant", "rdp")))
+                   accountant=_known_accountant(raw.get("accountant", "rdp")),
+                open_round=_open_round(raw.get("open_round")))
+
+
+def _open_round(raw) -> tuple[int, str, int, int] | None:
+    if raw is None:
+        return None
+    server_round, instruction, history_len, rounds = raw
+    return int(server_round), str(instruction), int(history_len), int(rounds)
 
 
 def _known_accountant(name) -> str:

@@ -256,3 +256,22 @@ def test_a_prv_ledger_enforces_prv_and_keeps_rdp_beside_it():
     assert raw["rdp_epsilon"] == pytest.approx(8.586, abs=2e-3)
     with pytest.raises(ValueError, match="unknown accountant"):
         PrivacyLedger.from_json({**raw, "accountant": "moments"})
+
+
+def test_an_open_round_is_taken_back_only_for_its_own_retry_and_survives_json():
+    # Arrange: one closed round, then one open round
+    ledger = PrivacyLedger(target_epsilon=8.0, target_delta=1e-5)
+    ledger.record((1.0, 0.5, 2), opening=(1, "a"))
+    ledger.close()
+    ledger.record((0.9, 0.5, 2), (4.0, 1.0, 1), opening=(2, "b"))
+    stored = PrivacyLedger.from_json(json.loads(json.dumps(ledger.to_json())))
+
+    # Act / Assert: another round or instruction takes nothing back
+    assert stored.open_round == (2, "b", 1, 1)
+    assert not stored.reopen(2, "c") and not stored.reopen(3, "b")
+    assert stored.rounds == 2 and len(stored.history) == 3
+    # its own retry takes back exactly that round's entries, once
+    assert stored.reopen(2, "b")
+    assert stored.history == [(1.0, 0.5, 2)] and stored.rounds == 1
+    assert not stored.reopen(2, "b")
+    assert not ledger.reopen(1, "a")  # a closed round stays accounted
