@@ -22,6 +22,7 @@ from client.secagg import secagg_mod
 from client.store import DeviceStore, device_secret
 from client.trainer import (
     DPSettings,
+    UserRound,
     private_mean_loss,
     sample_rate,
     train_released,
@@ -37,6 +38,7 @@ from shared.userdata import UserData, load_user
 from shared.wire import (
     EVAL_LEVELS,
     KEY_CONFIG,
+    KEY_FINAL,
     KEY_GLOBAL,
     KEY_METRICS,
     KEY_PERSONA,
@@ -124,6 +126,10 @@ def train(msg: Message, context: Context) -> Message:
         reply[KEY_PERSONA] = state_to_record(
             level_state(runtime.model, "persona", scheme=cfg.lora_scheme),
             cfg.transport_dtype)
+    # The user adapter is fitted under the levels as received, not under this device's
+    # own noisy step (which no one else will ever serve it with): it is served on top of
+    # the aggregate. The released reply above is final, so this changes nothing in it.
+    _load_shared(runtime, msg.content, persona_index, clusters)
     user_round = train_user_checked(
         runtime.model, data, holdout_fraction=cfg.user_holdout_fraction, steps=cfg.user_steps,
         batch_size=cfg.batch_size, lr=cfg.user_learning_rate, scheme=cfg.lora_scheme,
@@ -145,12 +151,9 @@ def train(msg: Message, context: Context) -> Message:
                        runtime.lora)  # the replay, then the user adapter
     ledger.close()
     store.save_ledger(ledger)  # the reply is kept: from here it may leave
-    if user_round.checked:
-        # A tally for the device and a simulation's report, kept after the commit: a
-        # kill in between loses one count, nothing else.
-        tally = store.load_state()
-        store.save_state({**tally, "user-checks": int(tally.get("user-checks", 0)) + 1,
-                          "user-kept": int(tally.get("user-kept", 0)) + user_round.kept})
+    # A tally for the device and a simulation's report, kept after the commit: a kill in
+    # between loses one count, nothing else.
+    _tally_user_check(store, user_round)
     return Message(reply, reply_to=msg)
 
 
@@ -173,6 +176,9 @@ def evaluate(msg: Message, context: Context) -> Message:
             persona_index = choose_cluster(runtime, clusters, user, cfg, torch.Generator(),
                                            private=False)
         load_level(runtime.model, "persona", clusters[persona_index])
+    if info.get(KEY_FINAL, False) and cfg.user_final_steps:
+        _fit_user_to_final(runtime, cfg, user, user_dir, store, content_digest(msg.content))
+        device_state = store.load_state()
     records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
     data = encode_records(records, runtime.tokenizer, cfg.seq_len)
     metrics: dict[str, float | int] = {"user-index": user_index, "persona-index": persona_index,
@@ -209,12 +215,52 @@ def _load_levels(runtime: Runtime, content: RecordDict, persona_index: int,
     model = runtime.model
     for level in ("global", "persona", "user"):
         load_level(model, level, runtime.initial[level])  # a clean slot, then overwrite
-    load_level(model, "global", record_to_state(content[KEY_GLOBAL]))
-    if persona_index >= 0 and KEY_PERSONA in content:
-        load_level(model, "persona", record_to_state(content[KEY_PERSONA]))
+    _load_shared(runtime, content, persona_index, [])
     user_state = store.load_user_adapter()
     if user_state is not None:
         load_level(model, "user", user_state)
+
+
+def _load_shared(runtime: Runtime, content: RecordDict, persona_index: int,
+                 clusters: list[dict]) -> None:
+    """The received global and the user's persona (a declared one, or the chosen of the
+    discovered ``clusters``) into their slots."""
+    load_level(runtime.model, "global", record_to_state(content[KEY_GLOBAL]))
+    if clusters and persona_index >= 0:
+        load_level(runtime.model, "persona", clusters[persona_index])
+    elif persona_index >= 0 and KEY_PERSONA in content:
+        load_level(runtime.model, "persona", record_to_state(content[KEY_PERSONA]))
+
+
+def _fit_user_to_final(runtime: Runtime, cfg: RunConfig, user: UserData, user_dir,
+                       store: DeviceStore, levels_digest: str) -> None:
+    """``user-final-steps`` on the user adapter under the final shared levels, now in
+    their slots, with the held-out check; once per final instruction (a repeated final
+    evaluation, e.g. of a resumed finished run, trains nothing more). Training rounds fit
+    it under the levels of the rounds the device took part in, which the later rounds
+    moved on from; here it is fitted to the levels it is served with. Nothing leaves."""
+    if store.load_state().get("user-fitted-to") == levels_digest:
+        return
+    data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
+    generator = torch.Generator().manual_seed(
+        _seed(cfg, -2, user, secret=device_secret(user_dir) + levels_digest.encode()))
+    fitted = train_user_checked(
+        runtime.model, data, holdout_fraction=cfg.user_holdout_fraction,
+        steps=cfg.user_final_steps, batch_size=cfg.batch_size, lr=cfg.user_learning_rate,
+        scheme=cfg.lora_scheme, generator=generator)
+    store.save_user_adapter(level_state(runtime.model, "user"), runtime.lora)
+    # after the adapter: a kill in between fits it once more on the retry, nothing worse
+    _tally_user_check(store, fitted, **{"user-fitted-to": levels_digest})
+
+
+def _tally_user_check(store: DeviceStore, check: UserRound, **also) -> None:
+    """Count a held-out check of a new user adapter (and whether it was kept) in the
+    device's state, with ``also`` written in the same file."""
+    tally = store.load_state()
+    checked = int(check.checked)
+    store.save_state({**tally, **also,
+                      "user-checks": int(tally.get("user-checks", 0)) + checked,
+                      "user-kept": int(tally.get("user-kept", 0)) + checked * check.kept})
 
 
 def _seed(cfg: RunConfig, server_round: int, user: UserData, *, secret: bytes = b"") -> int:

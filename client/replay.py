@@ -65,7 +65,7 @@ SECAGG_RECORD = "secaggplus_configs"
 # Two instructions that differ only in these get the same output from the same draws;
 # so runs that compare user-adapter settings release identical shared adapters.
 NOT_TRAINING_INPUTS = frozenset({
-    "user-steps", "user-learning-rate", "user-holdout-fraction",
+    "user-steps", "user-final-steps", "user-learning-rate", "user-holdout-fraction",
     "run-dir", "data-dir", "max-users", "cold-start-plays", "cold-start-fraction",
     "num-rounds", "clients-per-round", "min-clients", "round-timeout", "eval-max-records",
     "fault-fraction", "fault-kinds", "server-optimizer", "server-learning-rate",

@@ -115,10 +115,11 @@ FEDERATED = "global+persona+user"
 BASELINE_NOTES = {
     "base (same users)": "the base model, no adapter",
     "local-only": "each user alone, no DP: a user adapter trained on the device's own data "
-                  "with the device's recipe, user-steps per round it trained (no global, no "
+                  "with the device's recipe, user-steps per round it trained and "
+                  "user-final-steps more, as the device before serving (no global, no "
                   "persona)",
-    "local-only-all-steps": "the same, user-steps + local-steps per round: as many steps as "
-                            "the device spent in the run",
+    "local-only-all-steps": "the same, user-steps + local-steps per round (and "
+                            "user-final-steps): as many steps as the device spent in the run",
     "in-context-recent (base)": "the base model, the user's latest training lines as "
                                 "context (nothing trained)",
     "in-context-recent (global)": "base + the run's global adapter, the same context",
@@ -126,7 +127,8 @@ BASELINE_NOTES = {
                                      "test line's prompt (bag-of-words cosine) as context",
     "global (same users)": "federated: the global adapter",
     "global+persona (same users)": "federated: global + persona",
-    f"{FEDERATED} (same users)": "federated: global + persona + the device's user adapter",
+    f"{FEDERATED} (same users)": "federated: global + persona + the device's user adapter, "
+                                 "fitted under the final levels (user-final-steps)",
     "centralized": "one non-private LoRA on all training users' data pooled (upper "
                    "reference)",
     "local-only-dp-global": "each user alone, DP-SGD on a global-shaped adapter (the old "

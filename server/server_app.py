@@ -339,7 +339,7 @@ def final_report(grid: Grid, run: Run, started: float,
     online = run.refresh(grid)
     progress(f"evaluating {len(online)} users at {len(EVAL_LEVELS)} levels")
     per_user, tallies = evaluate_nodes(grid, online, state, run.node_info, cfg, run.personas,
-                                       run.user_name)
+                                       run.user_name, final=True)
     truth = {u.user_id: u.attributes.get("genre", u.persona) for u in run.users}
     report = {
         "config": cfg.to_flower(), "num_users": len(run.users),
@@ -499,14 +499,16 @@ def successful(replies, what: str):
 
 def evaluate_nodes(grid: Grid, nodes: list[int], state: ServerState, node_info: dict,
                    cfg: RunConfig, personas: tuple[str, ...],
-                   user_name: dict[int, str]
+                   user_name: dict[int, str], *, final: bool = False
                    ) -> tuple[dict[str, dict[str, TokenStats]], dict[str, tuple[int, int]]]:
     """Per user: the test stats at each level, and the device's user-adapter check tally
-    (rounds checked, rounds kept)."""
+    (rounds checked, rounds kept). ``final``: the run's last evaluation, before which
+    each device fits its user adapter under the final levels."""
     messages = []
     for node in nodes:
         content = round_content(state, node_info[node]["persona"], personas, cfg, state.round,
                                 all_personas=bool(cfg.discovered_k))
+        content[KEY_ROUND] = round_record(state.round, personas, final=final)
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
     per_user: dict[str, dict[str, TokenStats]] = {}
     tallies: dict[str, tuple[int, int]] = {}

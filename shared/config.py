@@ -62,6 +62,9 @@ class RunConfig:
     # -- local training ---------------------------------------------------------
     local_steps: int = 1  # DP-SGD steps on the released (global + persona) adapters per round
     user_steps: int = 6  # steps on the on-device user adapter per round (never released)
+    # steps on the user adapter under the final shared levels, before the device serves
+    # them (the final evaluation): it is fitted to what it is served with (never released)
+    user_final_steps: int = 6
     batch_size: int = 8  # expected (Poisson) batch size
     seq_len: int = 64
     learning_rate: float = 3.0  # of the released levels' noisy steps (SGD: large)
@@ -162,7 +165,7 @@ class RunConfig:
                      "seq_len", "lora_rank", "local_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_users", "user_steps", "eval_max_records", "discovery_warmup",
+        for name in ("max_users", "user_steps", "user_final_steps", "eval_max_records", "discovery_warmup",
                      "min_clients", "planned_rounds", "round_eval_users"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ KEY_ROUND = "round"
 KEY_GLOBAL = "global"
 KEY_PERSONA = "persona"
 KEY_METRICS = "metrics"
+KEY_FINAL = "final-evaluation"  # in the round record of the run's last evaluation only
 
 # Evaluation levels -> the adapters active for each ("base": none).
 EVAL_LEVELS: dict[str, tuple[str, ...]] = {
@@ -51,5 +52,11 @@ def read_run_config(record: ConfigRecord) -> RunConfig:
     return RunConfig.from_mapping(dict(record))
 
 
-def round_record(server_round: int, persona_names: tuple[str, ...]) -> ConfigRecord:
-    return ConfigRecord({"server-round": server_round, "persona-names": list(persona_names)})
+def round_record(server_round: int, persona_names: tuple[str, ...], *,
+                 final: bool = False) -> ConfigRecord:
+    """The round's public facts; ``final`` marks the run's last evaluation, under whose
+    levels each device fits its user adapter before serving (``user-final-steps``)."""
+    record = ConfigRecord({"server-round": server_round, "persona-names": list(persona_names)})
+    if final:  # absent otherwise, so every other message is unchanged
+        record[KEY_FINAL] = True
+    return record

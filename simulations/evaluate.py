@@ -6,7 +6,8 @@ In one process, on the same evaluation users:
 - baselines, on the training users that trained in at least one round (the
   others never got a step, so no local-only baseline is fair to them):
   ``local-only`` (each user alone, no DP: a fresh user adapter trained with the
-  device's own recipe, once per round the device trained), ``local-only-all-steps``
+  device's own recipe, once per round the device trained and once more with
+  ``user-final-steps``, as the device fits its own before serving), ``local-only-all-steps``
   (the same with as many steps as the device spent in all), ``in-context-*`` (no
   training: the user's own training lines as context, :mod:`simulations.in_context`),
   ``centralized`` (one non-private LoRA on all training users' data pooled: the upper
@@ -236,7 +237,8 @@ def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
         for name, steps in (("local-only", cfg.user_steps),
                             ("local-only-all-steps", cfg.user_steps + cfg.local_steps)):
             baselines.setdefault(name, {})[entry.user_id] = _local_only(
-                ev, population, entry, rounds=rounds[entry.user_id], steps=steps)
+                ev, population, entry, rounds=rounds[entry.user_id], steps=steps,
+                final_steps=cfg.user_final_steps)
     progress(f"in-context baselines on {len(fair)} users, {context_tokens} context tokens")
     for entry in fair:
         for name, stats in _in_context(ev, population, entry, context_tokens).items():
@@ -277,19 +279,20 @@ def user_seed(seed: int, user_id: str, purpose: str) -> int:
 
 
 def _local_only(ev: RunEvaluator, population, entry: PopulationEntry, *, rounds: int,
-                steps: int) -> TokenStats:
+                steps: int, final_steps: int) -> TokenStats:
     """The user alone at home, no DP (nothing leaves the device): from clean slots, its
     user adapter trained with the device's own recipe (``train_user_checked``, the held-out
-    check included), ``steps`` steps in each of the ``rounds`` rounds it trained; evaluated
-    with global and persona at identity."""
+    check included), ``steps`` steps in each of the ``rounds`` rounds it trained and then
+    ``final_steps`` (the device's fit before serving); evaluated with global and persona
+    at identity."""
     cfg = ev.cfg
     user = load_user(population.user_dir(entry.user_id))
     ev.clean()
     data = ev.encode(user.train)
     generator = torch.Generator().manual_seed(user_seed(cfg.seed, entry.user_id, "local-only"))
-    for _ in range(rounds):
+    for chunk in [steps] * rounds + [final_steps] * bool(final_steps):
         train_user_checked(ev.runtime.model, data, holdout_fraction=cfg.user_holdout_fraction,
-                           steps=steps, batch_size=cfg.batch_size, lr=cfg.user_learning_rate,
+                           steps=chunk, batch_size=cfg.batch_size, lr=cfg.user_learning_rate,
                            scheme=cfg.lora_scheme, generator=generator)
     return ev.stats(ev.test_data(user), LEVELS)
 

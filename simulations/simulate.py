@@ -53,9 +53,11 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     from client.client_app import app as default_client_app
     from server.server_app import run_dir_of, run_server
     from shared.federation import load_run_population, training_users
+    from shared.model import resolve_model
     from shared.userdata import load_user
     from simulations.evaluate import evaluate_run
 
+    resolve_model(cfg.model)  # a missing model fails here, in one line, before Ray starts
     population = load_run_population(cfg)
     users = training_users(population, cfg)
     if not users:

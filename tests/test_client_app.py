@@ -14,17 +14,22 @@ from helpers import (
     FIXED_NOISE,
     initial_server_state,
     node_context,
+    randomize_level,
     round_message,
     small_config,
+    tiny_peft,
 )
 
+from client import client_app
 from client.client_app import evaluate, query, train
 from client.store import DeviceStore
 from server.strategy import sent_part
+from shared.adapters import level_state
 from shared.config import ConfigError
 from shared.federation import load_run_population
+from shared.records import record_to_state
 from shared.runtime import get_runtime
-from shared.wire import EVAL_LEVELS, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.wire import EVAL_LEVELS, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA, KEY_ROUND, round_record
 
 
 def _user_dir(cfg, user_id: str = "u1"):
@@ -205,6 +210,39 @@ def test_the_user_adapter_is_checked_on_held_out_lines_and_the_check_stays_on_de
         bool(checks) and kept))
 
 
+def test_the_user_adapter_is_fitted_under_the_received_levels_not_the_devices_own_step(
+        tmp_path, monkeypatch):
+    # Arrange: shared levels that are not at their initialisation, and a spy on the
+    # user adapter's training that notes the shared slots it trains under
+    cfg = small_config(tmp_path)
+    state = initial_server_state(cfg)
+    state.global_state = randomize_level(tiny_peft(), "global", scale=0.05, seed=3)
+    state.persona_states["a"] = randomize_level(tiny_peft(), "persona", scale=0.05, seed=4)
+    msg = round_message(cfg, state, "a", MessageType.TRAIN)
+    received = {key: record_to_state(msg.content[key]) for key in (KEY_GLOBAL, KEY_PERSONA)}
+    under: dict = {}
+
+    def spy(model, *args, **kwargs):
+        under.update({KEY_GLOBAL: level_state(model, "global"),
+                      KEY_PERSONA: level_state(model, "persona")})
+        return real(model, *args, **kwargs)
+
+    real = client_app.train_user_checked
+    monkeypatch.setattr(client_app, "train_user_checked", spy)
+
+    # Act
+    reply = train(msg, node_context(0))
+
+    # Assert: the device's released step moved every sent tensor, yet the user adapter
+    # was trained under exactly what the server sent
+    for key in (KEY_GLOBAL, KEY_PERSONA):
+        released = record_to_state(reply.content[key])
+        assert released.keys() == received[key].keys()
+        for name, tensor in received[key].items():
+            assert not torch.equal(released[name], tensor), name
+            assert torch.equal(under[key][name], tensor), name
+
+
 # -- query ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("partition", "persona_index"), [(0, 0), (1, 1), (2, 0)])
@@ -268,3 +306,41 @@ def test_evaluate_uses_the_saved_user_adapter(trained):
     assert metrics["global+persona/nll-sum"] == pytest.approx(metrics["base/nll-sum"], rel=1e-6)
     assert metrics["global+persona+user/nll-sum"] != pytest.approx(metrics["base/nll-sum"],
                                                                    rel=1e-6)
+
+
+def _final_message(cfg, state):
+    msg = round_message(cfg, state, "a", MessageType.EVALUATE)
+    msg.content[KEY_ROUND] = round_record(1, ("a", "b"), final=True)
+    return msg
+
+
+def test_the_final_evaluation_fits_the_user_adapter_under_the_final_levels_once(tmp_path):
+    # Arrange: final levels away from their initialisation; no holdout, so the fit is kept
+    cfg = small_config(tmp_path, user_holdout_fraction=0.0, user_final_steps=2)
+    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    state = initial_server_state(cfg)
+    state.global_state = randomize_level(tiny_peft(), "global", scale=0.05, seed=3)
+    evaluate(round_message(cfg, state, "a", MessageType.EVALUATE), node_context(0))
+    assert store.load_user_adapter() is None  # a round's evaluation only measures
+
+    # Act
+    first = evaluate(_final_message(cfg, state), node_context(0))
+    fitted = store.load_user_adapter()
+    again = evaluate(_final_message(cfg, state), node_context(0))
+
+    # Assert: fitted before the measurement, which serves it; not fitted twice
+    initial = get_runtime(cfg).initial["user"]
+    assert fitted is not None and any(not torch.equal(fitted[k], initial[k]) for k in initial)
+    metrics = first.content.metric_records[KEY_METRICS]
+    assert metrics["global+persona+user/nll-sum"] != pytest.approx(
+        metrics["global+persona/nll-sum"], rel=1e-6)
+    assert all(torch.equal(fitted[k], v) for k, v in store.load_user_adapter().items())
+    assert dict(again.content.metric_records[KEY_METRICS]) == dict(metrics)
+
+
+def test_no_final_fit_when_user_final_steps_is_zero(tmp_path):
+    cfg = small_config(tmp_path, user_holdout_fraction=0.0, user_final_steps=0)
+
+    evaluate(_final_message(cfg, initial_server_state(cfg)), node_context(0))
+
+    assert DeviceStore(_user_dir(cfg), cfg.federation_key).load_user_adapter() is None

@@ -346,3 +346,30 @@ def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
         in markdown
     assert "left out as they never trained: t2 (a fair" in markdown
     assert "`local-only-dp-global` ran on 1 of these users" in markdown
+
+
+def test_local_only_trains_as_many_user_steps_as_the_device_and_its_final_fit(
+        run_dir, monkeypatch):
+    # Arrange: a spy on the user-adapter training the baselines call
+    cfg = load_run_config(run_dir)
+    chunks: list[int] = []
+    real = evaluation.train_user_checked
+
+    def spy(model, data, **kwargs):
+        chunks.append(kwargs["steps"])
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_user_checked", spy)
+
+    # Act
+    evaluate_run(run_dir, cold_start_k=0, baseline_users=0, centralized_steps=1,
+                 context_tokens=CONTEXT_TOKENS, include_levels=False, progress=lambda _: None)
+
+    # Assert: per fair user, local-only then local-only-all-steps, each round's steps and
+    # then the device's final fit (user-final-steps)
+    final = [cfg.user_final_steps]
+    expected = []
+    for user in sorted(FAIR):
+        expected += [cfg.user_steps] * ROUNDS[user] + final
+        expected += [cfg.user_steps + cfg.local_steps] * ROUNDS[user] + final
+    assert cfg.user_final_steps > 0 and chunks == expected
