@@ -177,8 +177,9 @@ def evaluate(msg: Message, context: Context) -> Message:
                                            private=False)
         load_level(runtime.model, "persona", clusters[persona_index])
     if info.get(KEY_FINAL, False) and cfg.user_final_steps:
-        _fit_user_to_final(runtime, cfg, user, user_dir, store, content_digest(msg.content))
-        device_state = store.load_state()
+        # the training inputs only: two runs that differ in where they live fit alike
+        _fit_user_to_final(runtime, cfg, user, user_dir, store, content_digest(
+            msg.content, config_ignore=NOT_TRAINING_INPUTS))
     records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
     data = encode_records(records, runtime.tokenizer, cfg.seq_len)
     metrics: dict[str, float | int] = {"user-index": user_index, "persona-index": persona_index,
@@ -249,18 +250,19 @@ def _fit_user_to_final(runtime: Runtime, cfg: RunConfig, user: UserData, user_di
         steps=cfg.user_final_steps, batch_size=cfg.batch_size, lr=cfg.user_learning_rate,
         scheme=cfg.lora_scheme, generator=generator)
     store.save_user_adapter(level_state(runtime.model, "user"), runtime.lora)
-    # after the adapter: a kill in between fits it once more on the retry, nothing worse
-    _tally_user_check(store, fitted, **{"user-fitted-to": levels_digest})
+    # after the adapter: a kill in between fits it once more on the retry, nothing worse.
+    # Not in the per-round check tally: this is no training round.
+    store.save_state({**store.load_state(), "user-fitted-to": levels_digest,
+                      "user-final-kept": int(fitted.kept)})
 
 
-def _tally_user_check(store: DeviceStore, check: UserRound, **also) -> None:
-    """Count a held-out check of a new user adapter (and whether it was kept) in the
-    device's state, with ``also`` written in the same file."""
-    tally = store.load_state()
-    checked = int(check.checked)
-    store.save_state({**tally, **also,
-                      "user-checks": int(tally.get("user-checks", 0)) + checked,
-                      "user-kept": int(tally.get("user-kept", 0)) + checked * check.kept})
+def _tally_user_check(store: DeviceStore, check: UserRound) -> None:
+    """Count a training round's held-out check of a new user adapter (and whether it was
+    kept) in the device's state."""
+    if check.checked:
+        tally = store.load_state()
+        store.save_state({**tally, "user-checks": int(tally.get("user-checks", 0)) + 1,
+                          "user-kept": int(tally.get("user-kept", 0)) + check.kept})
 
 
 def _seed(cfg: RunConfig, server_round: int, user: UserData, *, secret: bytes = b"") -> int:

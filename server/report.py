@@ -123,6 +123,9 @@ BASELINE_NOTES = {
     "in-context-recent (base)": "the base model, the user's latest training lines as "
                                 "context (nothing trained)",
     "in-context-recent (global)": "base + the run's global adapter, the same context",
+    "in-context-recent (federated)": "the device's whole stack (global + persona + user), "
+                                     "the same recent context: federation and context "
+                                     "together",
     "in-context-retrieved (global)": "base + global, the training lines most similar to the "
                                      "test line's prompt (bag-of-words cosine) as context",
     "global (same users)": "federated: the global adapter",

@@ -146,6 +146,8 @@ IN_CONTEXT_ROWS = {  # row -> (levels, retrieval)
     "in-context-recent (base)": ((), False),
     "in-context-recent (global)": (("global",), False),
     "in-context-retrieved (global)": (("global",), True),
+    # the device's whole stack (a persona-less user's persona slot is the identity)
+    "in-context-recent (federated)": (("global", "persona", "user"), False),
 }
 
 
@@ -200,16 +202,10 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
 def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenStats]]:
     """``level -> user -> stats``: each training user under the run's adapters and its own
     user adapter, as its device would serve it."""
-    cfg = ev.cfg
     levels: dict[str, dict[str, TokenStats]] = {}
     for entry in trained:
         user = load_user(population.user_dir(entry.user_id))
-        store = DeviceStore(population.user_dir(entry.user_id), cfg.federation_key)
-        persona = entry.persona if entry.persona in ev.persona_states else None
-        if cfg.discovered_k:  # the cluster this device chose last
-            cluster = store.load_state().get("cluster", -1)
-            persona = f"cluster-{cluster}" if cluster >= 0 else None
-        ev.load(persona=persona, user_state=store.load_user_adapter())
+        persona = _load_served(ev, population, entry)
         data = ev.test_data(user)
         for name, active in (("base", ()), ("global", ("global",)),
                              ("global+persona", ("global", "persona") if persona else
@@ -218,6 +214,18 @@ def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenS
                               else ("global", "user"))):
             levels.setdefault(name, {})[entry.user_id] = ev.stats(data, active)
     return levels
+
+
+def _load_served(ev: RunEvaluator, population, entry: PopulationEntry) -> str | None:
+    """Load the stack this user's device serves (the run's global, its persona or the
+    cluster it chose last, its own user adapter); return the persona's name."""
+    store = DeviceStore(population.user_dir(entry.user_id), ev.cfg.federation_key)
+    persona = entry.persona if entry.persona in ev.persona_states else None
+    if ev.cfg.discovered_k:  # the cluster this device chose last
+        cluster = store.load_state().get("cluster", -1)
+        persona = f"cluster-{cluster}" if cluster >= 0 else None
+    ev.load(persona=persona, user_state=store.load_user_adapter())
+    return persona
 
 
 def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
@@ -299,15 +307,15 @@ def _local_only(ev: RunEvaluator, population, entry: PopulationEntry, *, rounds:
 
 def _in_context(ev: RunEvaluator, population, entry: PopulationEntry,
                 context_tokens: int) -> dict[str, TokenStats]:
-    """The user's test records after their own training records, under the base model and
-    the run's global adapter (:data:`IN_CONTEXT_ROWS`)."""
+    """The user's test records after their own training records, under the base model,
+    the run's global adapter and the device's whole stack (:data:`IN_CONTEXT_ROWS`)."""
     cfg = ev.cfg
     user = load_user(population.user_dir(entry.user_id))
     records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
     data = {retrieve: in_context_data(records, user.train, ev.runtime.tokenizer,
                                       seq_len=cfg.seq_len, context_tokens=context_tokens,
                                       retrieve=retrieve) for retrieve in (False, True)}
-    ev.load()
+    _load_served(ev, population, entry)  # each row activates only its own levels
     # batches of 4: rows are context_tokens + seq_len wide
     return {name: ev.stats(data[retrieve], levels, batch_size=4)
             for name, (levels, retrieve) in IN_CONTEXT_ROWS.items()}

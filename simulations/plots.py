@@ -16,8 +16,8 @@ from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 def plot_levels(report: Mapping, path: Path) -> Path:
     """Macro perplexity (± 95% CI) of each level and baseline, one bar each."""
     entries = list(report["levels"].items())
-    for name in ("local-only", "local-only-all-steps", "in-context-recent (global)",
-                 "centralized"):
+    for name in ("local-only", "local-only-all-steps", "in-context-recent (base)",
+                 "in-context-recent (federated)", "centralized"):
         if name in report.get("baselines", {}):
             entries.append((name, report["baselines"][name]))
     names = [n for n, _ in entries]

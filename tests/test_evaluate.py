@@ -317,6 +317,10 @@ def test_in_context_rows_score_the_same_tokens_as_the_levels(evaluated):
     for name in IN_CONTEXT_ROWS:
         for user in FAIR:
             assert math.isfinite(baselines[name]["per_user"][user]["perplexity"]), name
+    # the federated row serves the user's persona too (t1's and t3's are fitted to them)
+    for user in FAIR:
+        assert baselines["in-context-recent (federated)"]["per_user"][user]["perplexity"] != \
+            pytest.approx(baselines["in-context-recent (global)"]["per_user"][user]["perplexity"])
 
 
 def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
