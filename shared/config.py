@@ -165,8 +165,8 @@ class RunConfig:
                      "seq_len", "lora_rank", "local_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_users", "user_steps", "user_final_steps", "eval_max_records", "discovery_warmup",
-                     "min_clients", "planned_rounds", "round_eval_users"):
+        for name in ("max_users", "user_steps", "user_final_steps", "eval_max_records",
+                     "discovery_warmup", "min_clients", "planned_rounds", "round_eval_users"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.test_fraction < 1.0:

@@ -181,7 +181,7 @@ class PrivacyLedger:
                    history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
                    rounds=int(raw.get("rounds", 0)),
                    accountant=_known_accountant(raw.get("accountant", "rdp")),
-                open_round=_open_round(raw.get("open_round")))
+                   open_round=_open_round(raw.get("open_round")))
 
 
 def _open_round(raw) -> tuple[int, str, int, int] | None:

@@ -7,8 +7,9 @@ In one process, on the same evaluation users:
   others never got a step, so no local-only baseline is fair to them):
   ``local-only`` (each user alone, no DP: a fresh user adapter trained with the
   device's own recipe, once per round the device trained and once more with
-  ``user-final-steps``, as the device fits its own before serving), ``local-only-all-steps``
-  (the same with as many steps as the device spent in all), ``in-context-*`` (no
+  ``user-final-steps``, as the device fits its own before serving),
+  ``local-only-all-steps`` (the same with as many steps as the device spent in
+  all), ``in-context-*`` (no
   training: the user's own training lines as context, :mod:`simulations.in_context`),
   ``centralized`` (one non-private LoRA on all training users' data pooled: the upper
   reference), and on the first ``baseline_users`` of them the old strawman
