@@ -46,6 +46,16 @@ def _store(cfg, user_id: str = "u1") -> DeviceStore:
     return DeviceStore(load_run_population(cfg).user_dir(user_id), cfg.federation_key)
 
 
+def _twin(tmp_path: Path, store: DeviceStore):
+    """A config for a second run in which u1's device holds ``store``'s device secret, so
+    its private draws are the same: an uninterrupted reference for the same device."""
+    reference = small_config(tmp_path / "ref")
+    device_secret(_store(reference).user_dir)  # (creates the directories)
+    (_store(reference).user_dir / STATE_DIR / "device-secret").write_bytes(
+        device_secret(store.user_dir))
+    return reference
+
+
 def _files(path: Path) -> dict[str, bytes]:
     """Every file under ``path`` (or the file itself) by relative name, with its bytes."""
     if path.is_file():
@@ -161,10 +171,7 @@ def test_a_kill_between_keeping_the_reply_and_saving_the_user_adapter_is_complet
     # Assert: replayed, and the user adapter is the one that round trained
     assert _files(store.ledger_path) == ledger
     kept = load_adapter_state(store.user_adapter_path)
-    reference = small_config(tmp_path / "ref")  # the same round, uninterrupted, same device
-    device_secret(_store(reference).user_dir)  # (creates the directories)
-    (_store(reference).user_dir / STATE_DIR / "device-secret").write_bytes(
-        device_secret(store.user_dir))
+    reference = _twin(tmp_path, store)  # the same round, uninterrupted, same device
     ref_reply = train(_message(reference), node_context(0))
     assert states_equal(kept, _store(reference).load_user_adapter())
     assert _arrays(reply) == _arrays(ref_reply)
@@ -229,10 +236,7 @@ def test_a_round_retried_after_a_kill_before_its_reply_was_kept_is_accounted_onc
     # Arrange: the device dies after accounting round 1, before keeping its reply
     cfg = small_config(tmp_path)  # the calibrated default: a second entry would change sigma
     store = _store(cfg)
-    reference = small_config(tmp_path / "ref")  # the same device, uninterrupted
-    device_secret(_store(reference).user_dir)
-    (_store(reference).user_dir / STATE_DIR / "device-secret").write_bytes(
-        device_secret(store.user_dir))
+    reference = _twin(tmp_path, store)  # the same device, uninterrupted
     with monkeypatch.context() as patch:
         patch.setattr(DeviceStore, "commit_round", _killed)
         with pytest.raises(KeyboardInterrupt):
