@@ -62,7 +62,10 @@ def noise_share(cfg: RunConfig, sigma: float) -> float:
 
 
 def loss_noise(cfg: RunConfig, sigma: float) -> float:
-    return cfg.loss_noise_multiplier or sigma
+    """The train-loss release's noise multiplier: ``loss-noise-multiplier``, but never less
+    than the training step's own ``sigma`` (at a small budget a fixed 4 alone would spend
+    more than the budget, and every device would decline every round)."""
+    return max(cfg.loss_noise_multiplier, sigma)
 
 
 def slot_noise_std(cfg: RunConfig, noise_multiplier: float, num_records: int) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from client.budget import loss_noise
 from shared.atomic import write_json_atomic, write_text_atomic
 from shared.config import ConfigError, RunConfig
 from shared.federation import load_run_population, training_users
@@ -58,7 +59,7 @@ def calibrated_config(cfg: RunConfig, budget: float) -> RunConfig:
     target = budget * 0.98
 
     def spent(sigma: float) -> float:
-        loss = cfg.loss_noise_multiplier or sigma
+        loss = loss_noise(cfg, sigma)
         return accounted_epsilon([(sigma, rate, rounds * cfg.local_steps), (loss, rate, rounds),
                                   *fixed], delta=cfg.target_delta, accountant=cfg.accountant)
 
@@ -101,6 +102,9 @@ def run_sweep_command(out: Path, epsilons_text: str, settings: list[str]) -> int
                                              if cfg.planned_rounds and cfg.dp else
                                              f"noise-multiplier={cfg.noise_multiplier:.3f}"))
         reports[epsilon] = simulate(cfg, final_evaluation=False)
+        if cfg.dp and not reports[epsilon]["privacy"]["epsilon_max"]:
+            print(f"warning: at epsilon {epsilon:g} no device trained (each round's "
+                  f"release did not fit the budget); its row is the untrained adapters")
     rows = sweep_rows(reports)
     plot_privacy_utility(rows, out / "privacy_utility.png")
     table = markdown_table(rows)

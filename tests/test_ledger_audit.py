@@ -99,6 +99,31 @@ def _planned_ledger(cfg, rounds: int) -> PrivacyLedger:
     return ledger
 
 
+@pytest.mark.parametrize("budget", [0.5, 1.0, 4.0])
+def test_the_default_recipe_trains_at_a_small_budget(budget):
+    # Arrange: the defaults (the loss release at noise 4, full batch) at a small budget;
+    # a fixed 4 alone spends about 1.7 over two full-batch rounds, so every device used
+    # to decline every round at epsilon 1
+    from client.budget import round_mechanisms
+    from shared.config import RunConfig
+
+    cfg = RunConfig(target_epsilon=budget)
+
+    # Act
+    ledger = _planned_ledger(cfg, cfg.planned_rounds)
+    first = round_mechanisms(cfg, PrivacyLedger(target_epsilon=budget, target_delta=1e-5,
+                                                accountant="prv"), 1.0, private_choice=False)
+
+    # Assert: both planned rounds fit, and the loss release is never less noisy than
+    # the step it reports on
+    assert ledger.rounds == cfg.planned_rounds
+    assert 0.95 * budget < ledger.epsilon <= budget
+    # (one merged entry of 2 releases when the two multipliers coincide)
+    sigma = first.noise_multiplier
+    assert [s for s, _, _ in first.entries] == ([sigma, 4.0] if sigma < 4.0 else [sigma])
+    assert sum(n for _, _, n in first.entries) == cfg.local_steps + 1
+
+
 def test_a_calibrated_ledger_is_replayed_and_a_rosier_one_is_caught():
     # Arrange: noise calibrated for 3 planned rounds at q = 1, PRV, a cheaper loss release
     from client.budget import round_mechanisms
