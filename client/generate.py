@@ -1,17 +1,34 @@
-"""Serving a user on the device: pick adapters by the cold-start order, then generate."""
+"""Serving a user on the device: pick adapters by the cold-start order, let the device's
+own held-out lines choose the stack (:mod:`client.serving`), then generate after the
+user's most recent lines."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from client.coldstart import AdapterChoice, choose_adapters
+from client.serving import ServedStack, candidates, serve_from_held_out
 from client.store import DeviceStore
 from shared.adapters import activate
-from shared.userdata import load_user
+from shared.lm import prompt_ids
+from shared.userdata import Record, load_user
 
 MAX_SHOTS = 5
+
+
+@dataclass(frozen=True)
+class Serving:
+    choice: AdapterChoice  # the cold-start order's choice (which persona, which adapters)
+    stack: ServedStack  # the levels served, as the device's held-out lines chose them
+    context: tuple[Record, ...]  # the user's training lines, the most recent first
+    context_tokens: int
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return self.stack.levels
 
 
 @torch.no_grad()
@@ -37,15 +54,38 @@ def choose_for_user(evaluator, user_dir: Path, *, shots: int = MAX_SHOTS) -> Ada
 
 
 @torch.no_grad()
-def generate_text(evaluator, choice: AdapterChoice, prompt: str, *, max_new_tokens: int = 40,
-                  temperature: float = 0.0, seed: int = 0) -> str:
+def serve_user(evaluator, user_dir: Path, *, context_tokens: int) -> Serving:
+    """Everything the device serves its user with: the cold-start choice, then among the
+    stacks it allows the one the user's held-out lines favour under the recent context,
+    and that context (up to ``context_tokens`` tokens of the user's latest lines)."""
+    choice = choose_for_user(evaluator, user_dir)
+    cfg = evaluator.cfg
+    train = load_user(user_dir, allow_empty=True).train
+    stacks = candidates(has_persona=choice.persona is not None,
+                        has_user="user" in choice.levels)
+    stack = serve_from_held_out(
+        train, stacks, lambda data, levels: evaluator.stats(data, levels, batch_size=4),
+        evaluator.runtime.tokenizer, seq_len=cfg.seq_len, context_tokens=context_tokens,
+        holdout_fraction=cfg.user_holdout_fraction, max_records=cfg.eval_max_records)
+    return Serving(choice, stack, tuple(reversed(train)), context_tokens)
+
+
+@torch.no_grad()
+def generate_text(evaluator, serving: Serving | AdapterChoice, prompt: str, *,
+                  max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> str:
+    """The model's continuation of ``prompt`` (after the served context, if any)."""
     runtime = evaluator.runtime
-    activate(runtime.model, choice.levels)
-    inputs = runtime.tokenizer(prompt, return_tensors="pt").to(runtime.device)
+    context, budget = (serving.context, serving.context_tokens) \
+        if isinstance(serving, Serving) else ((), 0)
+    ids = prompt_ids(prompt, context, runtime.tokenizer, context_tokens=budget)
+    if not ids:
+        raise ValueError("the prompt is empty and there is no context to continue")
+    activate(runtime.model, serving.levels)
+    inputs = torch.tensor([ids], device=runtime.device)
     torch.manual_seed(seed)
     output = runtime.model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+        input_ids=inputs, attention_mask=torch.ones_like(inputs),
+        max_new_tokens=max_new_tokens, do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
         pad_token_id=runtime.tokenizer.pad_token_id)
-    return runtime.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
-                                    skip_special_tokens=True)
+    return runtime.tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True)

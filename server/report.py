@@ -126,6 +126,10 @@ BASELINE_NOTES = {
     "in-context-recent (federated)": "the device's whole stack (global + persona + user), "
                                      "the same recent context: federation and context "
                                      "together",
+    "in-context-recent (local-only)": "the local-only user adapter (no federation), the "
+                                      "same recent context",
+    "served (federated)": "what the device serves: the recent context under the stack "
+                          "(global, +persona, +user) its own held-out lines favour",
     "in-context-retrieved (global)": "base + global, the training lines most similar to the "
                                      "test line's prompt (bag-of-words cosine) as context",
     "global (same users)": "federated: the global adapter",
@@ -151,7 +155,8 @@ def restrict(summary: Mapping[str, Any], users) -> dict[str, Any]:
 
 
 def federation_gain(baseline: Mapping[str, float], federated: Mapping[str, float], *,
-                    excluded=()) -> dict[str, Any]:
+                    excluded=(), baseline_name: str = "local-only",
+                    level: str = FEDERATED) -> dict[str, Any]:
     """Per user, ``baseline`` perplexity minus ``federated`` perplexity (positive: the
     federation helps) and the same relative to the baseline (%); macro means with 95% CIs
     and how many users it helps, over the users with a finite value in both."""
@@ -163,7 +168,7 @@ def federation_gain(baseline: Mapping[str, float], federated: Mapping[str, float
                 for u in users}
     gain = macro_summary({u: v["gain"] for u, v in per_user.items()})
     relative = macro_summary({u: v["relative_percent"] for u, v in per_user.items()})
-    return {"baseline": "local-only", "level": FEDERATED, "users": len(users),
+    return {"baseline": baseline_name, "level": level, "users": len(users),
             "helped": sum(1 for v in per_user.values() if v["gain"] > 0),
             "mean": gain["mean"], "mean_ci95": gain["ci95"],
             "relative_percent_mean": relative["mean"],
@@ -201,23 +206,44 @@ def baselines_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def federation_gain_lines(gain: Mapping[str, Any] | None) -> list[str]:
+def federation_gain_lines(gain: Mapping[str, Any] | None,
+                          title: str = "Federation gain") -> list[str]:
+    """A gain of :func:`federation_gain` as a section: its sentence and the per-user table."""
     if not gain or not gain["users"]:
         return []
-    rows = [{"user": u, "local-only (no DP)": f"{v['local_only']:.2f}",
-             FEDERATED: f"{v['federated']:.2f}", "gain": f"{v['gain']:+.2f}",
+    baseline, level = gain.get("baseline", "local-only"), gain.get("level", FEDERATED)
+    rows = [{"user": u, baseline: f"{v['local_only']:.2f}",
+             level: f"{v['federated']:.2f}", "gain": f"{v['gain']:+.2f}",
              "relative": f"{v['relative_percent']:+.1f}%"}
             for u, v in sorted(gain["per_user"].items(), key=lambda kv: -kv[1]["gain"])]
-    lines = ["## Federation gain", "",
-             f"Per user: test perplexity of `local-only` (the user alone, no DP, the same "
-             f"steps) minus that of {FEDERATED}; positive means the federation helps. "
+    what = ("(the user alone, no DP, the same steps)" if baseline == "local-only" else
+            "(the best row a user can reach without the federation, chosen in hindsight)")
+    lines = [f"## {title}", "",
+             f"Per user: test perplexity of `{baseline}` {what} minus that of `{level}`; "
+             f"positive means the federation helps. "
              f"Mean {gain['mean']:+.2f} ± {gain['mean_ci95']:.2f} "
              f"({gain['relative_percent_mean']:+.1f}% ± {gain['relative_percent_ci95']:.1f}% "
-             f"of the local-only perplexity); it helps {gain['helped']} of "
+             f"of the `{baseline}` perplexity); it helps {gain['helped']} of "
              f"{gain['users']} users."]
     if gain["excluded"]:
         lines.append(f"Left out (never trained in the run): {', '.join(gain['excluded'])}.")
     return lines + ["", markdown_table(rows), ""]
+
+
+SERVED_GAIN_TITLE = "Served gain (what the device serves, against the best local row)"
+
+
+def served_stack_lines(stacks: Mapping[str, str] | None) -> list[str]:
+    """How many devices serve each stack (each chose on its own held-out lines)."""
+    if not stacks:
+        return []
+    counts: dict[str, int] = {}
+    for stack in stacks.values():
+        counts[stack] = counts.get(stack, 0) + 1
+    chosen = ", ".join(f"{stack} {n}" for stack, n in sorted(counts.items(),
+                                                                key=lambda kv: -kv[1]))
+    return [f"Stacks the devices serve (each chose on its own held-out lines, under the "
+            f"recent context): {chosen}.", ""]
 
 
 ROUND_PLOT = "round by round"
@@ -260,6 +286,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += user_check_lines(report.get("user_adapter_check"))
     lines += baselines_lines(report)
     lines += federation_gain_lines(report.get("federation_gain"))
+    lines += federation_gain_lines(report.get("served_gain"), SERVED_GAIN_TITLE)
+    lines += served_stack_lines(report.get("served_stacks"))
     for key, title in COLD_START_TITLES.items():
         if key in report:
             cold = report[key]

@@ -66,15 +66,7 @@ def encode_in_context(records: Sequence[Record], contexts: Sequence[Sequence[Rec
     bos, eos = _specials(tokenizer)
     rows = []
     for record, candidates in zip(records, contexts):
-        kept: list[list[int]] = []
-        used = 0
-        for candidate in candidates:
-            tokens = sum(_record_tokens(candidate, tokenizer, eos), [])
-            if used + len(tokens) > context_tokens:
-                break
-            kept.append(tokens)
-            used += len(tokens)
-        context = [t for tokens in reversed(kept) for t in tokens]  # most wanted last
+        context = context_ids(candidates, tokenizer, context_tokens)
         prompt, response = _record_tokens(record, tokenizer, eos)
         own = seq_len - len(bos)  # the record's tokens after bos, cut as encode_records cuts
         ids = bos + context + (prompt + response)[:own]
@@ -82,6 +74,37 @@ def encode_in_context(records: Sequence[Record], contexts: Sequence[Sequence[Rec
             [IGNORE_INDEX] * len(prompt) + response)[:own]
         rows.append((ids, labels))
     return _stack(rows, context_tokens + seq_len, tokenizer)
+
+
+def context_ids(candidates: Sequence[Record], tokenizer, context_tokens: int) -> list[int]:
+    """The longest prefix of ``candidates`` (the most wanted first) whose records (prompt,
+    response, end-of-sequence each) fit in ``context_tokens``, laid out in reverse so the
+    most wanted sits last, right before what follows; a candidate that does not fit ends it."""
+    _, eos = _specials(tokenizer)
+    kept: list[list[int]] = []
+    used = 0
+    for candidate in candidates:
+        tokens = sum(_record_tokens(candidate, tokenizer, eos), [])
+        if used + len(tokens) > context_tokens:
+            break
+        kept.append(tokens)
+        used += len(tokens)
+    return [t for tokens in reversed(kept) for t in tokens]
+
+
+def prompt_ids(prompt: str, context: Sequence[Record], tokenizer, *,
+               context_tokens: int) -> list[int]:
+    """What a served model continues: bos, as many of ``context`` (the most wanted first)
+    as fit in ``context_tokens`` (:func:`context_ids`), then the prompt's tokens, laid out
+    as :func:`encode_in_context` lays out an evaluated record."""
+    bos, _ = _specials(tokenizer)
+    return bos + context_ids(context, tokenizer, context_tokens) + tokenizer(
+        prompt, add_special_tokens=False)["input_ids"]
+
+
+def split_count(n: int, fraction: float) -> int:
+    """How many of ``n`` records :func:`split_holdout` holds out (the last ones)."""
+    return min(max(round(n * fraction), 1), n - 1) if fraction > 0 else 0
 
 
 def _specials(tokenizer) -> tuple[list[int], list[int]]:
@@ -119,7 +142,7 @@ def split_holdout(data: EncodedRecords,
     of their lines: the holdout then asks the same question as the test. ``holdout``
     is ``None`` when ``fraction`` is 0 or there are fewer than two records."""
     n = len(data)
-    held = min(max(round(n * fraction), 1), n - 1) if fraction > 0 else 0
+    held = split_count(n, fraction)
     if held <= 0:
         return data, None
     return data.select(torch.arange(n - held)), data.select(torch.arange(n - held, n))

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cold-start users per kind (0 = all)")
     evaluate.add_argument("--baseline-users", type=int, default=8,
                           help="users for the slow local-only-dp-global strawman (0 = all)")
+    evaluate.add_argument("--full", action="store_true",
+                          help="add the slow rows: local-only-all-steps and the strawman")
     evaluate.add_argument("--context-tokens", type=int, default=448,
                           help="context budget of the in-context baselines, in tokens")
 
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--explain", action="store_true", help="say which adapters serve, why")
     generate.add_argument("--max-new-tokens", type=int, default=40)
     generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--context-tokens", type=int, default=448,
+                          help="the user's most recent lines before the prompt, in tokens "
+                               "(0: none)")
     generate.add_argument("prompt")
 
     sweep = commands.add_parser("sweep", help="the simulation at several privacy budgets")
@@ -318,17 +323,26 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from server.report import baselines_lines, federation_gain_lines, levels_table
+    from server.report import (
+        SERVED_GAIN_TITLE,
+        baselines_lines,
+        federation_gain_lines,
+        levels_table,
+        served_stack_lines,
+    )
     from shared.atomic import write_json_atomic
     from simulations.evaluate import evaluate_run
 
     result = evaluate_run(args.run, cold_start_k=args.k, cold_start_users=args.cold_start_users,
-                          baseline_users=args.baseline_users, context_tokens=args.context_tokens)
+                          baseline_users=args.baseline_users, context_tokens=args.context_tokens,
+                          full=args.full)
     write_json_atomic(args.run / "evaluation.json", result, sort_keys=False)
     print(levels_table(result["levels"]))
     print()
     print("\n".join(baselines_lines(result)))
     print("\n".join(federation_gain_lines(result["federation_gain"])))
+    print("\n".join(federation_gain_lines(result.get("served_gain"), SERVED_GAIN_TITLE)))
+    print("\n".join(served_stack_lines(result.get("served_stacks"))))
     for key in ("cold_start", "cold_start_held_out_plays"):
         print(f"\n{key}")
         print(levels_table(result[key], "served by"))
@@ -337,16 +351,32 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from client.generate import choose_for_user, generate_text
+    from client.generate import generate_text, serve_user
+    from shared.config import ConfigError
     from simulations.evaluate import RunEvaluator, load_run_config
 
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty: give the text to continue")
+    for name in ("max_new_tokens", "context_tokens"):
+        if getattr(args, name) < (1 if name == "max_new_tokens" else 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be "
+                              f"{'>= 1' if name == 'max_new_tokens' else '>= 0'}, "
+                              f"got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     evaluator = RunEvaluator(args.run, load_run_config(args.run))
-    choice = choose_for_user(evaluator, args.user_dir)
+    serving = serve_user(evaluator, args.user_dir, context_tokens=args.context_tokens)
     if args.explain:
-        print(f"served by: {choice.served_by}; adapters: {' + '.join(choice.levels)}"
+        choice = serving.choice
+        print(f"served by: {choice.served_by}; adapters: {' + '.join(serving.levels)}"
               + (f" (persona {choice.persona})" if choice.persona else ""))
         print(f"why: {choice.reason}")
-    print(generate_text(evaluator, choice, args.prompt, max_new_tokens=args.max_new_tokens,
+        if serving.stack.held_out_loss:
+            losses = ", ".join(f"{k} {v:.3f}" for k, v in serving.stack.held_out_loss.items())
+            print(f"stack: the lowest loss on the user's {serving.stack.held_out_records} "
+                  f"held-out lines under the recent context ({losses})")
+        print(f"context: the user's latest lines, up to {args.context_tokens} tokens")
+    print(generate_text(evaluator, serving, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature))
     return 0
 

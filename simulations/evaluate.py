@@ -9,13 +9,16 @@ In one process, on the same evaluation users:
   device's own recipe, once per round the device trained and once more with
   ``user-final-steps``, as the device fits its own before serving),
   ``local-only-all-steps`` (the same with as many steps as the device spent in
-  all), ``in-context-*`` (no
-  training: the user's own training lines as context, :mod:`simulations.in_context`),
+  all), ``in-context-*`` (the user's own training lines as context,
+  :mod:`client.in_context`, under the base model, the run's adapters or the
+  local-only adapter), ``served (federated)`` (what the device serves: the stack its
+  own held-out lines favour, under the recent context, :mod:`client.serving`),
   ``centralized`` (one non-private LoRA on all training users' data pooled: the upper
   reference), and on the first ``baseline_users`` of them the old strawman
   ``local-only-dp-global`` (alone, DP-SGD on a global-shaped adapter);
 - the federation gain per user: ``local-only`` minus ``global+persona+user``
-  perplexity (positive: the federation helps);
+  perplexity (positive: the federation helps); and the served gain: the best of the
+  local rows (chosen in hindsight) minus ``served (federated)``;
 - cold-start users, held-out characters of known plays and characters of
   held-out plays: ``base``, ``global``, the persona fallback with 0 examples
   (declared persona) and with k examples (lowest-loss persona).
@@ -36,9 +39,11 @@ from pathlib import Path
 import torch
 
 from client.coldstart import choose_adapters
+from client.in_context import in_context_data
+from client.serving import candidates, serve_from_held_out
 from client.store import DeviceStore
 from client.trainer import DPSettings, train_released, train_user_checked
-from server.report import federation_gain, restrict
+from server.report import FEDERATED, federation_gain, restrict
 from shared.adapters import LEVELS, activate, load_adapter_state, load_level
 from shared.config import RunConfig
 from shared.federation import load_run_population, training_users
@@ -46,7 +51,6 @@ from shared.lm import EncodedRecords, encode_records, evaluate_stats, per_record
 from shared.metrics import TokenStats, macro_summary
 from shared.runtime import Runtime, get_runtime
 from shared.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, PopulationEntry, load_user
-from simulations.in_context import in_context_data
 
 COLD_KINDS = {"known_plays": ROLE_COLD_CHARACTER, "held_out_plays": ROLE_COLD_PLAY}
 
@@ -143,6 +147,12 @@ class RunEvaluator:
         return losses, self.mean_loss(data, ("global",))
 
 
+LOCAL_IN_CONTEXT = "in-context-recent (local-only)"
+SERVED = "served (federated)"
+# what a user can do without any federation (the served gain's baseline is the best)
+LOCAL_ROWS = ("local-only", "local-only-all-steps", "in-context-recent (base)",
+              LOCAL_IN_CONTEXT)
+
 IN_CONTEXT_ROWS = {  # row -> (levels, retrieval)
     "in-context-recent (base)": ((), False),
     "in-context-recent (global)": (("global",), False),
@@ -154,7 +164,7 @@ IN_CONTEXT_ROWS = {  # row -> (levels, retrieval)
 
 def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int = 8,
                  baseline_users: int = 8, centralized_steps: int | None = None,
-                 context_tokens: int = 448, include_levels: bool = True,
+                 context_tokens: int = 448, include_levels: bool = True, full: bool = False,
                  progress: Callable[[str], None] = print) -> dict:
     """Everything in the module docstring; returns ``{"levels", "baselines",
     "federation_gain", "untrained_users", "cold_start", "cold_start_held_out_plays"}`` (each
@@ -163,7 +173,9 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
     ``include_levels=False`` skips the levels and so the federation gain (the simulation's
     Flower evaluation round has measured the levels on the devices already; the caller
     then gets the gain from :func:`against_levels`). ``context_tokens`` bounds the context
-    of the in-context rows, in tokens."""
+    of the in-context rows, in tokens. ``full`` adds the two slow rows that have
+    never changed a conclusion: ``local-only-all-steps`` (within a point of
+    ``local-only`` on the default run) and the ``local-only-dp-global`` strawman."""
     started = time.monotonic()
     cfg = load_run_config(run_dir)
     population = load_run_population(cfg)
@@ -180,18 +192,21 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
     if include_levels:
         progress(f"levels on {len(trained)} training users")
     levels = _levels(ev, population, trained) if include_levels else {}
-    baselines, untrained = _baselines(ev, population, trained, baseline_users=baseline_users,
+    baselines, untrained, served_stacks = _baselines(ev, population, trained, baseline_users=baseline_users,
                                       centralized_steps=centralized_steps,
-                                      context_tokens=context_tokens, progress=progress)
-    order = ("local-only", "local-only-all-steps", *IN_CONTEXT_ROWS, "centralized",
-             "local-only-dp-global")
-    result = {"baselines": {name: summarize(baselines.get(name, {})) for name in order},
-              "untrained_users": untrained}
+                                      context_tokens=context_tokens, full=full,
+                                      progress=progress)
+    order = ("local-only", "local-only-all-steps", LOCAL_IN_CONTEXT, *IN_CONTEXT_ROWS, SERVED,
+             "centralized", "local-only-dp-global")
+    result = {"baselines": {name: summarize(baselines[name]) for name in order
+                            if name in baselines},
+              "untrained_users": untrained, "served_stacks": served_stacks}
     if include_levels:
         result["levels"] = {k: summarize(v) for k, v in levels.items()}
         compared = against_levels(result["levels"], result["baselines"], untrained)
         result["baselines"].update(compared["same_users"])
         result["federation_gain"] = compared["federation_gain"]
+        result["served_gain"] = compared["served_gain"]
     for kind, users in cold.items():
         progress(f"cold start ({kind}) on {len(users)} users, k={cold_start_k}")
         key = "cold_start" if kind == "known_plays" else "cold_start_held_out_plays"
@@ -206,7 +221,7 @@ def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenS
     levels: dict[str, dict[str, TokenStats]] = {}
     for entry in trained:
         user = load_user(population.user_dir(entry.user_id))
-        persona = _load_served(ev, population, entry)
+        persona, _ = _load_served(ev, population, entry)
         data = ev.test_data(user)
         for name, active in (("base", ()), ("global", ("global",)),
                              ("global+persona", ("global", "persona") if persona else
@@ -217,24 +232,27 @@ def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenS
     return levels
 
 
-def _load_served(ev: RunEvaluator, population, entry: PopulationEntry) -> str | None:
+def _load_served(ev: RunEvaluator, population,
+                 entry: PopulationEntry) -> tuple[str | None, bool]:
     """Load the stack this user's device serves (the run's global, its persona or the
-    cluster it chose last, its own user adapter); return the persona's name."""
+    cluster it chose last, its own user adapter); return the persona's name and whether
+    the device holds a user adapter."""
     store = DeviceStore(population.user_dir(entry.user_id), ev.cfg.federation_key)
     persona = entry.persona if entry.persona in ev.persona_states else None
     if ev.cfg.discovered_k:  # the cluster this device chose last
         cluster = store.load_state().get("cluster", -1)
         persona = f"cluster-{cluster}" if cluster >= 0 else None
-    ev.load(persona=persona, user_state=store.load_user_adapter())
-    return persona
+    user_state = store.load_user_adapter()
+    ev.load(persona=persona, user_state=user_state)
+    return persona, user_state is not None
 
 
 def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
-               centralized_steps: int | None, context_tokens: int,
-               progress: Callable[[str], None]) -> tuple[dict[str, dict[str, TokenStats]],
-                                                         list[str]]:
-    """``(row -> user -> stats, the users that never trained)``: every baseline, on the
-    training users that trained in at least one round."""
+               centralized_steps: int | None, context_tokens: int, full: bool,
+               progress: Callable[[str], None]
+               ) -> tuple[dict[str, dict[str, TokenStats]], list[str], dict[str, str]]:
+    """``(row -> user -> stats, the users that never trained, user -> the stack its device
+    serves)``: every baseline, on the training users that trained in at least one round."""
     cfg = ev.cfg
     rounds = {e.user_id: _rounds_trained(cfg, population, e) for e in trained}
     fair = [e for e in trained if rounds[e.user_id] > 0]
@@ -243,35 +261,60 @@ def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
     progress(f"local-only baselines (no DP) on {len(fair)} users that trained"
              + (f" ({len(untrained)} never trained: left out)" if untrained else ""))
     for entry in fair:
+        user = load_user(population.user_dir(entry.user_id))
         for name, steps in (("local-only", cfg.user_steps),
-                            ("local-only-all-steps", cfg.user_steps + cfg.local_steps)):
-            baselines.setdefault(name, {})[entry.user_id] = _local_only(
-                ev, population, entry, rounds=rounds[entry.user_id], steps=steps,
-                final_steps=cfg.user_final_steps)
-    progress(f"in-context baselines on {len(fair)} users, {context_tokens} context tokens")
+                            ("local-only-all-steps", cfg.user_steps + cfg.local_steps))[
+                                :2 if full else 1]:
+            # the local-only adapter also under the recent context: prompting is open to
+            # a user alone too, and the served stack below uses it
+            context = _context_data(ev, user, context_tokens) if name == "local-only" \
+                else None
+            plain, in_context = _local_only(ev, user, entry, rounds=rounds[entry.user_id],
+                                            steps=steps, final_steps=cfg.user_final_steps,
+                                            context=context)
+            baselines.setdefault(name, {})[entry.user_id] = plain
+            if in_context is not None:
+                baselines.setdefault(LOCAL_IN_CONTEXT, {})[entry.user_id] = in_context
+    progress(f"in-context baselines and the served stack on {len(fair)} users, "
+             f"{context_tokens} context tokens")
+    served_stacks = {}
     for entry in fair:
-        for name, stats in _in_context(ev, population, entry, context_tokens).items():
+        rows, served_stacks[entry.user_id] = _in_context(ev, population, entry, context_tokens)
+        for name, stats in rows.items():
             baselines.setdefault(name, {})[entry.user_id] = stats
-    chosen = fair[:baseline_users] if baseline_users else fair
-    progress(f"local-only-dp-global (the old strawman) on {len(chosen)} users")
-    baselines["local-only-dp-global"] = {e.user_id: _local_only_dp(ev, population, e)
-                                         for e in chosen}
+    if full:
+        chosen = fair[:baseline_users] if baseline_users else fair
+        progress(f"local-only-dp-global (the old strawman) on {len(chosen)} users")
+        baselines["local-only-dp-global"] = {e.user_id: _local_only_dp(ev, population, e)
+                                             for e in chosen}
     progress("centralized non-private baseline")
     baselines["centralized"] = _centralized(ev, population, trained, fair, centralized_steps)
-    return baselines, untrained
+    return baselines, untrained, served_stacks
 
 
 def against_levels(levels: dict, baselines: dict, untrained: Sequence[str] = ()) -> dict:
-    """``{"same_users": {"<level> (same users)": summary}, "federation_gain": ...}``: the
-    levels on exactly the users of the ``local-only`` baseline, and per user its perplexity
-    minus that of global+persona+user (:func:`server.report.federation_gain`)."""
+    """``{"same_users": {"<level> (same users)": summary}, "federation_gain": ...,
+    "served_gain": ...}``: the levels on exactly the users of the ``local-only`` baseline;
+    per user its perplexity minus that of global+persona+user; and the best local row
+    (:data:`LOCAL_ROWS`, the lowest macro perplexity, chosen in hindsight on the test lines,
+    which flatters it) minus the stack each device serves (:data:`SERVED`)
+    (:func:`server.report.federation_gain`)."""
     users = list(baselines["local-only"]["per_user"])
     same = {f"{level} (same users)": restrict(values, users) for level, values in levels.items()}
-    ppl = {u: v["perplexity"] for u, v in baselines["local-only"]["per_user"].items()}
-    federated = {u: v["perplexity"] for u, v in
-                 levels.get("global+persona+user", {}).get("per_user", {}).items() if u in ppl}
-    return {"same_users": same,
-            "federation_gain": federation_gain(ppl, federated, excluded=untrained)}
+
+    def ppl(summary: dict) -> dict[str, float]:
+        return {u: v["perplexity"] for u, v in summary.get("per_user", {}).items()}
+
+    federated = {u: p for u, p in ppl(levels.get(FEDERATED, {})).items() if u in users}
+    result = {"same_users": same, "federation_gain": federation_gain(
+        ppl(baselines["local-only"]), federated, excluded=untrained)}
+    local = [n for n in LOCAL_ROWS if baselines.get(n, {}).get("users")]
+    if local and baselines.get(SERVED, {}).get("users"):
+        best = min(local, key=lambda n: baselines[n]["perplexity"])
+        result["served_gain"] = federation_gain(ppl(baselines[best]), ppl(baselines[SERVED]),
+                                                excluded=untrained, baseline_name=best,
+                                                level=SERVED)
+    return result
 
 
 def _rounds_trained(cfg: RunConfig, population, entry: PopulationEntry) -> int:
@@ -287,15 +330,16 @@ def user_seed(seed: int, user_id: str, purpose: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _local_only(ev: RunEvaluator, population, entry: PopulationEntry, *, rounds: int,
-                steps: int, final_steps: int) -> TokenStats:
+def _local_only(ev: RunEvaluator, user, entry: PopulationEntry, *, rounds: int,
+                steps: int, final_steps: int, context: EncodedRecords | None = None
+                ) -> tuple[TokenStats, TokenStats | None]:
     """The user alone at home, no DP (nothing leaves the device): from clean slots, its
     user adapter trained with the device's own recipe (``train_user_checked``, the held-out
     check included), ``steps`` steps in each of the ``rounds`` rounds it trained and then
     ``final_steps`` (the device's fit before serving); evaluated with global and persona
-    at identity."""
+    at identity, on the test lines and (when given) on ``context``, the same lines after
+    the user's recent ones."""
     cfg = ev.cfg
-    user = load_user(population.user_dir(entry.user_id))
     ev.clean()
     data = ev.encode(user.train)
     generator = torch.Generator().manual_seed(user_seed(cfg.seed, entry.user_id, "local-only"))
@@ -303,23 +347,42 @@ def _local_only(ev: RunEvaluator, population, entry: PopulationEntry, *, rounds:
         train_user_checked(ev.runtime.model, data, holdout_fraction=cfg.user_holdout_fraction,
                            steps=chunk, batch_size=cfg.batch_size, lr=cfg.user_learning_rate,
                            scheme=cfg.lora_scheme, generator=generator)
-    return ev.stats(ev.test_data(user), LEVELS)
+    return (ev.stats(ev.test_data(user), LEVELS),
+            ev.stats(context, LEVELS, batch_size=4) if context is not None else None)
+
+
+def _context_data(ev: RunEvaluator, user, context_tokens: int, *,
+                  retrieve: bool = False) -> EncodedRecords:
+    """The user's (evaluated) test lines, each after its training lines as context."""
+    cfg = ev.cfg
+    records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
+    return in_context_data(records, user.train, ev.runtime.tokenizer, seq_len=cfg.seq_len,
+                           context_tokens=context_tokens, retrieve=retrieve)
 
 
 def _in_context(ev: RunEvaluator, population, entry: PopulationEntry,
-                context_tokens: int) -> dict[str, TokenStats]:
+                context_tokens: int) -> tuple[dict[str, TokenStats], str]:
     """The user's test records after their own training records, under the base model,
-    the run's global adapter and the device's whole stack (:data:`IN_CONTEXT_ROWS`)."""
+    the run's global adapter and the device's whole stack (:data:`IN_CONTEXT_ROWS`), and
+    under the stack the device serves (:func:`client.serving.serve_from_held_out`);
+    returns the rows and that stack's name."""
     cfg = ev.cfg
     user = load_user(population.user_dir(entry.user_id))
-    records = user.test[:cfg.eval_max_records] if cfg.eval_max_records else user.test
-    data = {retrieve: in_context_data(records, user.train, ev.runtime.tokenizer,
-                                      seq_len=cfg.seq_len, context_tokens=context_tokens,
-                                      retrieve=retrieve) for retrieve in (False, True)}
-    _load_served(ev, population, entry)  # each row activates only its own levels
-    # batches of 4: rows are context_tokens + seq_len wide
-    return {name: ev.stats(data[retrieve], levels, batch_size=4)
+    data = {retrieve: _context_data(ev, user, context_tokens, retrieve=retrieve)
+            for retrieve in (False, True)}
+    persona, has_user = _load_served(ev, population, entry)  # rows activate their levels
+
+    def score(encoded, levels):  # batches of 4: rows are context_tokens + seq_len wide
+        return ev.stats(encoded, levels, batch_size=4)
+
+    rows = {name: score(data[retrieve], levels)
             for name, (levels, retrieve) in IN_CONTEXT_ROWS.items()}
+    served = serve_from_held_out(
+        user.train, candidates(has_persona=persona is not None, has_user=has_user), score,
+        ev.runtime.tokenizer, seq_len=cfg.seq_len, context_tokens=context_tokens,
+        holdout_fraction=cfg.user_holdout_fraction, max_records=cfg.eval_max_records)
+    rows[SERVED] = score(data[False], served.levels)
+    return rows, "+".join(served.levels)
 
 
 def _local_only_dp(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenStats:

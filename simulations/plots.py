@@ -16,8 +16,8 @@ from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 def plot_levels(report: Mapping, path: Path) -> Path:
     """Macro perplexity (± 95% CI) of each level and baseline, one bar each."""
     entries = list(report["levels"].items())
-    for name in ("local-only", "local-only-all-steps", "in-context-recent (base)",
-                 "in-context-recent (federated)", "centralized"):
+    for name in ("local-only", "in-context-recent (base)", "in-context-recent (local-only)",
+                 "served (federated)", "centralized"):
         if name in report.get("baselines", {}):
             entries.append((name, report["baselines"][name]))
     names = [n for n, _ in entries]
@@ -60,9 +60,9 @@ def plot_improvement(report: Mapping, path: Path, *, reference: str = "global",
     return path
 
 
-def plot_federation_gain(gain: Mapping, path: Path) -> Path:
-    """One horizontal bar per user: local-only perplexity minus the federated one (right of
-    zero: the federation helps), sorted, the largest gain on top."""
+def plot_federation_gain(gain: Mapping, path: Path, title: str = "Federation gain") -> Path:
+    """One horizontal bar per user: the baseline's perplexity minus the federated one
+    (right of zero: the federation helps), sorted, the largest gain on top."""
     per_user = sorted(gain["per_user"].items(), key=lambda kv: kv[1]["gain"])
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(per_user) + 1.2)))
     values = [v["gain"] for _, v in per_user]
@@ -71,7 +71,7 @@ def plot_federation_gain(gain: Mapping, path: Path) -> Path:
     ax.set_yticks(range(len(per_user)), [u for u, _ in per_user])
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel(f"perplexity of {gain['baseline']} minus {gain['level']}")
-    ax.set_title(f"Federation gain: helps {gain['helped']} of {gain['users']} users")
+    ax.set_title(f"{title}: helps {gain['helped']} of {gain['users']} users")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -109,6 +109,7 @@ def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
                               report.get("untrained_users", ()))
     report["baselines"] = {**report["baselines"], **compared["same_users"]}
     report["federation_gain"] = compared["federation_gain"]
+    report["served_gain"] = compared.get("served_gain")
     report["evaluation_seconds"] = evaluation.get("seconds")
     report["plots"] = {
         **report.get("plots", {}),
@@ -116,6 +117,9 @@ def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
         "per-user improvement": plot_improvement(report, run_dir / "improvement.png").name,
         "federation gain per user": plot_federation_gain(
             report["federation_gain"], run_dir / "federation_gain.png").name}
+    if report["served_gain"] and report["served_gain"]["users"]:
+        report["plots"]["served gain per user"] = plot_federation_gain(
+            report["served_gain"], run_dir / "served_gain.png", "Served gain").name
     write_report(run_dir, report)
     return report
 

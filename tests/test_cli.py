@@ -59,6 +59,22 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("fedpersona: error:")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["   "], "the prompt is empty"),
+    (["--max-new-tokens", "0", "hi"], "--max-new-tokens must be >= 1, got 0"),
+    (["--context-tokens", "-3", "hi"], "--context-tokens must be >= 0, got -3"),
+    (["--temperature", "-1", "hi"], "--temperature must be >= 0"),
+])
+def test_generate_refuses_bad_arguments_before_loading_anything(args, message, tmp_path,
+                                                                capsys):
+    # the run directory does not exist: the arguments are checked first
+    code = main(["generate", "--run", str(tmp_path / "no-run"), "--user-dir",
+                 str(tmp_path / "no-user"), *args])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and message in err and len(err.splitlines()) == 1
+
+
 def test_malformed_user_data_fails_the_simulation_cleanly(tmp_path, capsys):
     pop = tmp_path / "pop"
     assert main(["data", "shakespeare", "--out", str(pop), "--tokenizer", "tiny",

@@ -18,7 +18,7 @@ from client.coldstart import (
     AdapterChoice,
     choose_adapters,
 )
-from client.generate import choose_for_user, generate_text
+from client.generate import choose_for_user, generate_text, serve_user
 from client.store import DeviceStore
 from shared.adapters import activate, level_state, load_level, save_adapter
 from shared.config import RunConfig
@@ -356,3 +356,27 @@ def test_greedy_generation_under_a_choice_is_reproducible(evaluator, tmp_path):
     second = generate_text(evaluator, choice, "abab", max_new_tokens=6)
 
     assert isinstance(first, str) and first == second
+
+
+def test_serving_chooses_a_stack_on_held_out_lines_and_generates_after_the_context(
+        evaluator, tmp_path):
+    # Arrange: a returning user with a user adapter and ten lines of style X
+    user_dir = _user(tmp_path, "served", "a", SHOTS_X * 2)
+    DeviceStore(user_dir, evaluator.cfg.federation_key).save_user_adapter(
+        randomize_level(evaluator.runtime.model, "user", scale=0.05, seed=5),
+        evaluator.runtime.lora)
+
+    # Act
+    with_context = serve_user(evaluator, user_dir, context_tokens=40)
+    without = serve_user(evaluator, user_dir, context_tokens=0)
+
+    # Assert: the three stacks it holds were scored, the lowest served; the context
+    # is what generation continues (reproducibly)
+    losses = with_context.stack.held_out_loss
+    assert set(losses) == {"global", "global+persona", "global+persona+user"}
+    assert "+".join(with_context.levels) == min(losses, key=losses.get)
+    assert with_context.context[0] == SHOTS_X[-1]  # the most recent line first
+    assert generate_text(evaluator, with_context, "ab", max_new_tokens=8) == \
+        generate_text(evaluator, with_context, "ab", max_new_tokens=8)
+    assert without.stack.held_out_loss.keys() == losses.keys()
+    evaluator.load()

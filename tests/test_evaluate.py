@@ -35,6 +35,9 @@ from shared.userdata import (
 from simulations import evaluate as evaluation
 from simulations.evaluate import (
     IN_CONTEXT_ROWS,
+    LOCAL_IN_CONTEXT,
+    LOCAL_ROWS,
+    SERVED,
     EvaluationError,
     evaluate_run,
     load_run_config,
@@ -196,7 +199,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(run_dir):
-    return evaluate_run(run_dir, cold_start_k=3, baseline_users=1, centralized_steps=2,
+    return evaluate_run(run_dir, cold_start_k=3, baseline_users=1, centralized_steps=2, full=True,
                         context_tokens=CONTEXT_TOKENS, progress=lambda _: None)
 
 
@@ -323,6 +326,36 @@ def test_in_context_rows_score_the_same_tokens_as_the_levels(evaluated):
             pytest.approx(baselines["in-context-recent (global)"]["per_user"][user]["perplexity"])
 
 
+def test_the_served_row_is_the_in_context_row_of_the_stack_the_device_chose(evaluated):
+    # Arrange: the stack each device chose, and the in-context row that scores that stack
+    baselines = evaluated["baselines"]
+    row_of = {"global": "in-context-recent (global)",
+              "global+persona+user": "in-context-recent (federated)"}
+
+    # Act / Assert: the same tokens under the same adapters give the same perplexity
+    assert set(evaluated["served_stacks"]) == set(FAIR)
+    for user, stack in evaluated["served_stacks"].items():
+        served = baselines[SERVED]["per_user"][user]["perplexity"]
+        assert stack in ("global", "global+persona", "global+persona+user")
+        if stack in row_of:
+            assert served == pytest.approx(baselines[row_of[stack]]["per_user"][user]
+                                           ["perplexity"])
+    for user in FAIR:  # the local-only adapter under the context is its own row
+        assert math.isfinite(baselines[LOCAL_IN_CONTEXT]["per_user"][user]["perplexity"])
+
+
+def test_served_gain_is_the_best_local_row_minus_the_served_stack(evaluated):
+    baselines, gain = evaluated["baselines"], evaluated["served_gain"]
+    best = min(LOCAL_ROWS, key=lambda n: baselines[n]["perplexity"])
+
+    assert gain["baseline"] == best and gain["level"] == SERVED
+    for user, value in gain["per_user"].items():
+        assert value["gain"] == pytest.approx(
+            baselines[best]["per_user"][user]["perplexity"]
+            - baselines[SERVED]["per_user"][user]["perplexity"])
+    assert sorted(gain["per_user"]) == sorted(FAIR)
+
+
 def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
         evaluated, tmp_path):
     # Arrange: a server report with the levels from its Flower evaluation round
@@ -331,7 +364,7 @@ def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
               "privacy": privacy_summary({}, dp=False, delta=1e-5, budget=math.inf),
               "levels": evaluated["levels"]}
     evaluation = {**{k: v for k, v in evaluated.items()
-                     if k not in ("levels", "federation_gain")},
+                     if k not in ("levels", "federation_gain", "served_gain")},
                   "baselines": {k: v for k, v in evaluated["baselines"].items()
                                 if not k.endswith("(same users)")}}
 
@@ -344,7 +377,9 @@ def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
     assert report["baselines"].keys() == evaluated["baselines"].keys()
     assert (tmp_path / "federation_gain.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "report.md").read_text()
-    assert "## Federation gain" in markdown
+    assert "## Federation gain" in markdown and "## Served gain" in markdown
+    assert "Stacks the devices serve" in markdown
+    assert (tmp_path / "served_gain.png").read_bytes()[:4] == b"\x89PNG"
     assert "![federation gain per user](federation_gain.png)" in markdown
     assert "| local-only-all-steps " in markdown and "| in-context-retrieved (global) " \
         in markdown
@@ -352,8 +387,9 @@ def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
     assert "`local-only-dp-global` ran on 1 of these users" in markdown
 
 
+@pytest.mark.parametrize("full", [False, True])
 def test_local_only_trains_as_many_user_steps_as_the_device_and_its_final_fit(
-        run_dir, monkeypatch):
+        run_dir, monkeypatch, full):
     # Arrange: a spy on the user-adapter training the baselines call
     cfg = load_run_config(run_dir)
     chunks: list[int] = []
@@ -367,13 +403,14 @@ def test_local_only_trains_as_many_user_steps_as_the_device_and_its_final_fit(
 
     # Act
     evaluate_run(run_dir, cold_start_k=0, baseline_users=0, centralized_steps=1,
-                 context_tokens=CONTEXT_TOKENS, include_levels=False, progress=lambda _: None)
+                 context_tokens=CONTEXT_TOKENS, include_levels=False, full=full,
+                 progress=lambda _: None)
 
     # Assert: per fair user, local-only then local-only-all-steps, each round's steps and
-    # then the device's final fit (user-final-steps)
+    # then the device's final fit (user-final-steps); the all-steps row only when full
     final = [cfg.user_final_steps]
     expected = []
     for user in sorted(FAIR):
         expected += [cfg.user_steps] * ROUNDS[user] + final
-        expected += [cfg.user_steps + cfg.local_steps] * ROUNDS[user] + final
+        expected += ([cfg.user_steps + cfg.local_steps] * ROUNDS[user] + final) * full
     assert cfg.user_final_steps > 0 and chunks == expected

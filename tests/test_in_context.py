@@ -12,7 +12,7 @@ from helpers import RECORDS, tokenizer
 
 from shared.lm import IGNORE_INDEX, encode_in_context, encode_records
 from shared.userdata import Record
-from simulations.in_context import (
+from client.in_context import (
     bag_of_words,
     cosine,
     in_context_data,
