@@ -159,7 +159,7 @@ AUDIT_CHECKS = {
     "ledger": "recompute every device's epsilon from its accountant history",
     "wire": "check every reply the devices sent against what may leave them",
     "canary": "exposure of planted secrets (Carlini et al., the Secret Sharer)",
-    "mia": "membership inference: ROC AUC and TPR at 1% and 0.1% FPR",
+    "mia": "membership inference: ROC AUC and TPR at 1%% and 0.1%% FPR",
     "one-run": "empirical epsilon lower bound from one training run (Steinke et al.)",
     "all": "every check, no-DP and DP side by side",
 }
@@ -322,6 +322,16 @@ def _audit(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check_at_least(args: argparse.Namespace, **minimum: float) -> None:
+    """Refuse, naming the option, any of ``args`` below its minimum (before any work)."""
+    from shared.config import ConfigError
+
+    for name, least in minimum.items():
+        value = getattr(args, name)
+        if value < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {least:g}, got {value:g}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from server.report import (
         SERVED_GAIN_TITLE,
@@ -333,6 +343,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from shared.atomic import write_json_atomic
     from simulations.evaluate import evaluate_run
 
+    # (0 cold-start or strawman users means all of them)
+    _check_at_least(args, k=0, cold_start_users=0, baseline_users=0, context_tokens=0)
     result = evaluate_run(args.run, cold_start_k=args.k, cold_start_users=args.cold_start_users,
                           baseline_users=args.baseline_users, context_tokens=args.context_tokens,
                           full=args.full)
@@ -357,13 +369,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty: give the text to continue")
-    for name in ("max_new_tokens", "context_tokens"):
-        if getattr(args, name) < (1 if name == "max_new_tokens" else 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be "
-                              f"{'>= 1' if name == 'max_new_tokens' else '>= 0'}, "
-                              f"got {getattr(args, name)}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    _check_at_least(args, max_new_tokens=1, context_tokens=0, temperature=0)
     evaluator = RunEvaluator(args.run, load_run_config(args.run))
     serving = serve_user(evaluator, args.user_dir, context_tokens=args.context_tokens)
     if args.explain:

@@ -63,16 +63,44 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     (["   "], "the prompt is empty"),
     (["--max-new-tokens", "0", "hi"], "--max-new-tokens must be >= 1, got 0"),
     (["--context-tokens", "-3", "hi"], "--context-tokens must be >= 0, got -3"),
-    (["--temperature", "-1", "hi"], "--temperature must be >= 0"),
+    (["--temperature", "-1", "hi"], "--temperature must be >= 0, got -1"),
+    (["--k", "-3"], "--k must be >= 0, got -3"),
+    (["--cold-start-users", "-1"], "--cold-start-users must be >= 0, got -1"),
+    (["--context-tokens", "-1"], "--context-tokens must be >= 0, got -1"),
 ])
-def test_generate_refuses_bad_arguments_before_loading_anything(args, message, tmp_path,
-                                                                capsys):
+def test_generate_and_evaluate_refuse_bad_arguments_before_loading_anything(
+        args, message, tmp_path, capsys):
     # the run directory does not exist: the arguments are checked first
-    code = main(["generate", "--run", str(tmp_path / "no-run"), "--user-dir",
-                 str(tmp_path / "no-user"), *args])
+    command = ["generate", "--user-dir", str(tmp_path / "no-user")] \
+        if args[-1] == "hi" or args == ["   "] else ["evaluate"]
+    code = main([*command, "--run", str(tmp_path / "no-run"), *args])
 
     err = capsys.readouterr().err.strip()
     assert code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def _commands(parser, prefix=()):
+    """Every command path of the parser, sub-commands included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_command_prints_its_help(capsys):
+    # (`audit --help` used to raise a TypeError: a bare % in a help string)
+    from simulations.cli import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert ("audit", "mia") in commands and ("deploy", "supernode") in commands
+    for command in [(), *commands]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "usage: fedpersona" in capsys.readouterr().out
 
 
 def test_malformed_user_data_fails_the_simulation_cleanly(tmp_path, capsys):
