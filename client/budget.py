@@ -61,6 +61,21 @@ def noise_share(cfg: RunConfig, sigma: float) -> float:
     return sigma
 
 
+def released_lr(cfg: RunConfig, sigma: float) -> float:
+    """The step size of the released levels' noisy SGD at noise multiplier ``sigma``:
+    ``learning-rate``, shrunk as ``reference / sigma`` above ``lr-noise-reference``.
+
+    At epsilon 1 the calibrated sigma is several times that of epsilon 8, and a step
+    tuned for the latter moved the adapters by noise alone (update norm 270 against
+    18, train loss 9 to 11 against 5.2). With the shrink the noise a step adds stays
+    that of ``sigma = reference``; the signal shrinks instead. ``sigma`` comes from
+    public inputs only (:func:`round_mechanisms`), so the step reveals nothing."""
+    reference = cfg.lr_noise_reference
+    if reference and sigma > reference:
+        return cfg.learning_rate * reference / sigma
+    return cfg.learning_rate
+
+
 def loss_noise(cfg: RunConfig, sigma: float) -> float:
     """The train-loss release's noise multiplier: ``loss-noise-multiplier``, but never less
     than the training step's own ``sigma`` (at a small budget a fixed 4 alone would spend
@@ -70,9 +85,9 @@ def loss_noise(cfg: RunConfig, sigma: float) -> float:
 
 def slot_noise_std(cfg: RunConfig, noise_multiplier: float, num_records: int) -> float:
     """Per-coordinate std of the noise a DP-SGD step of this device puts on an adapter's
-    change under distributed DP: ``lr * share * C / (q n)``. A client adds exactly this to
+    change under distributed DP: ``lr * share * C / (q n)`` (``lr`` of :func:`released_lr`). A client adds exactly this to
     every persona slot it did not train, so each slot's sum carries every survivor's
     share, as the global sum does."""
     share = noise_share(cfg, noise_multiplier)
-    return (cfg.learning_rate * share * cfg.max_grad_norm
+    return (released_lr(cfg, noise_multiplier) * share * cfg.max_grad_norm
             / (cfg.dp_sample_rate * max(num_records, 1)))

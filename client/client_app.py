@@ -13,7 +13,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.budget import loss_noise, round_mechanisms
+from client.budget import loss_noise, released_lr, round_mechanisms
 from client.discovery import choose_cluster, cluster_states
 from client.faults import inject_faults
 from client.node import resolve_user
@@ -110,7 +110,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics["persona-index"] = persona_index
     levels = RELEASED_LEVELS if persona_index >= 0 else ("global",)
     result = train_released(runtime.model, data, steps=cfg.local_steps,
-                            batch_size=cfg.batch_size, lr=cfg.learning_rate, dp=dp,
+                            batch_size=cfg.batch_size,
+                            lr=released_lr(cfg, budget.noise_multiplier), dp=dp,
                             scheme=cfg.lora_scheme, generator=generator, levels=levels,
                             grad_sample_mode=cfg.grad_sample_mode,
                             optimizer=cfg.local_optimizer, fixed_rate=cfg.dp_sample_rate)

@@ -34,7 +34,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.node import resolve_user
 from client.replay import NOT_TRAINING_INPUTS, content_digest
-from client.budget import slot_noise_std
+from client.budget import released_lr, slot_noise_std
 from client.store import device_secret
 from shared.config import RunConfig
 from shared.records import record_to_state
@@ -143,9 +143,10 @@ def _add_slot_noise(vector: list[np.ndarray], per_part: int, slot: int, cfg: Run
                     metrics: dict, noise: np.random.Generator | None) -> None:
     if noise is None:
         raise ValueError("distributed DP needs a private generator for the slot noise")
-    std = slot_noise_std(cfg, float(metrics["noise-multiplier"]), int(metrics["num-examples"]))
+    sigma = float(metrics["noise-multiplier"])
+    std = slot_noise_std(cfg, sigma, int(metrics["num-examples"]))
     # public values only: the largest signal (one SGD step of a clipped mean) plus the noise
-    reach = cfg.learning_rate * cfg.max_grad_norm + NOISE_RANGE_STDS * std
+    reach = released_lr(cfg, sigma) * cfg.max_grad_norm + NOISE_RANGE_STDS * std
     if reach > cfg.secagg_clipping_range:
         raise ValueError(f"distributed DP: a change may reach {reach:.3g} per coordinate, "
                          f"beyond secagg-clipping-range {cfg.secagg_clipping_range:g}, whose "

@@ -68,6 +68,10 @@ class RunConfig:
     batch_size: int = 8  # expected (Poisson) batch size
     seq_len: int = 64
     learning_rate: float = 3.0  # of the released levels' noisy steps (SGD: large)
+    # above this noise multiplier the noisy step shrinks as learning-rate x reference /
+    # sigma, so the noise it adds stays that of sigma = reference (a small budget's large
+    # sigma otherwise swamps the adapters); 0 = the step never shrinks
+    lr_noise_reference: float = 1.0
     # the noisy steps' optimizer: "sgd" lets the noise average out across steps and
     # clients; "adam" normalises every coordinate, noise included
     local_optimizer: str = "sgd"
@@ -157,6 +161,9 @@ class RunConfig:
         if not 0.0 <= self.dp_sample_rate <= 1.0:
             raise ConfigError(f"dp-sample-rate must be in [0, 1] (0 = batch-size / records), "
                               f"got {self.dp_sample_rate}")
+        if not (self.lr_noise_reference >= 0 and math.isfinite(self.lr_noise_reference)):
+            raise ConfigError(f"lr-noise-reference must be a finite number >= 0, got "
+                              f"{self.lr_noise_reference}")
         if not (self.loss_noise_multiplier >= 0 and math.isfinite(self.loss_noise_multiplier)):
             raise ConfigError(f"loss-noise-multiplier must be a finite number >= 0, got "
                               f"{self.loss_noise_multiplier}")
@@ -412,7 +419,10 @@ def _to_int(raw: Any) -> int:
 
 def expand_path(key: str, value: str) -> Path:
     """A path setting with ``~`` expanded; ``~name`` of a user this machine lacks is a
-    :class:`ConfigError` (``Path.expanduser`` raises a bare RuntimeError)."""
+    :class:`ConfigError` (``Path.expanduser`` raises a bare RuntimeError), and so is a NUL
+    character (every file operation would raise a bare ValueError)."""
+    if "\0" in value:
+        raise ConfigError(f"{key} {value!r}: a path cannot hold a NUL character")
     try:
         return Path(value).expanduser()
     except RuntimeError:

@@ -243,6 +243,32 @@ def test_the_user_adapter_is_fitted_under_the_received_levels_not_the_devices_ow
             assert torch.equal(under[key][name], tensor), name
 
 
+@pytest.mark.parametrize(("noise_multiplier", "expected_lr"), [(0.5, 3.0), (4.0, 0.75)])
+def test_the_released_step_shrinks_with_the_rounds_noise(tmp_path, monkeypatch,
+                                                          noise_multiplier, expected_lr):
+    # Arrange: a fixed noise multiplier (the accounted one), a spy on the released training
+    cfg = small_config(tmp_path, **{**FIXED_NOISE, "noise_multiplier": noise_multiplier,
+                                    "learning_rate": 3.0, "local_optimizer": "sgd"},
+                       lr_noise_reference=1.0, target_epsilon=1000.0)
+    used = []
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["lr"])
+        return real(*args, **kwargs)
+
+    real = client_app.train_released
+    monkeypatch.setattr(client_app, "train_released", spy)
+
+    # Act
+    reply = _train(cfg)
+
+    # Assert: learning-rate x reference / sigma above the reference, and the round's
+    # sigma is the one reported (and accounted)
+    assert used == [pytest.approx(expected_lr)]
+    metrics = reply.content[KEY_METRICS]
+    assert metrics["noise-multiplier"] == pytest.approx(noise_multiplier)
+
+
 # -- query ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("partition", "persona_index"), [(0, 0), (1, 1), (2, 0)])

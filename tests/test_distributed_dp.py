@@ -85,8 +85,10 @@ def test_the_shares_of_t_clients_sum_to_the_full_noise_on_the_weighted_sum():
 
 def test_slot_noise_sums_over_non_members_to_the_full_noise(tmp_path):
     # Arrange: t clients that trained slot 1 only; slot 0 gets their shares
+    # (the step at its full size: the shrink above lr-noise-reference is test_budget's)
     cfg = small_config(tmp_path, **{**DISTRIBUTED, "clients_per_round": 5}, noise_multiplier=2.0,
-                       learning_rate=0.5, secagg_clipping_range=4.0, secagg_max_weight=64)
+                       learning_rate=0.5, secagg_clipping_range=4.0, secagg_max_weight=64,
+                       lr_noise_reference=0.0)
     shapes = {"b.weight": (60, 50)}
     zeros = {k: torch.zeros(s) for k, s in shapes.items()}
     sent = RecordDict({KEY_GLOBAL: state_to_record(zeros), KEY_PERSONA: state_to_record(zeros)})
@@ -112,7 +114,7 @@ def test_slot_noise_sums_over_non_members_to_the_full_noise(tmp_path):
 
 def test_slot_noise_that_the_quantizer_would_clip_is_refused(tmp_path):
     cfg = small_config(tmp_path, **DISTRIBUTED, noise_multiplier=2.0, learning_rate=0.5,
-                       secagg_clipping_range=0.5, secagg_max_weight=64)
+                       secagg_clipping_range=0.5, secagg_max_weight=64, lr_noise_reference=0.0)
     zeros = {"b.weight": torch.zeros(2, 2)}
     content = RecordDict({KEY_GLOBAL: state_to_record(zeros)})
     metrics = {"num-examples": 12, "declined": 0, "noise-multiplier": 2.0}
