@@ -4,6 +4,7 @@ user's most recent lines."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +81,15 @@ def generate_text(evaluator, serving: Serving | AdapterChoice, prompt: str, *,
     ids = prompt_ids(prompt, context, runtime.tokenizer, context_tokens=budget)
     if not ids:
         raise ValueError("the prompt is empty and there is no context to continue")
-    activate(runtime.model, serving.levels)
+    model = runtime.model
+    if serving.levels:
+        activate(model, serving.levels)
     inputs = torch.tensor([ids], device=runtime.device)
     torch.manual_seed(seed)
-    output = runtime.model.generate(
-        input_ids=inputs, attention_mask=torch.ones_like(inputs),
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-        pad_token_id=runtime.tokenizer.pad_token_id)
+    with contextlib.nullcontext() if serving.levels else model.disable_adapter():
+        output = model.generate(
+            input_ids=inputs, attention_mask=torch.ones_like(inputs),
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+            pad_token_id=runtime.tokenizer.pad_token_id)
     return runtime.tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True)

@@ -21,10 +21,11 @@ from shared.lm import split_count
 from shared.metrics import TokenStats
 from shared.userdata import Record
 
-# in order of preference on a tie (fewer levels first): global alone is the measured
-# best stack under context, and a level that does not lower the held-out loss is not served
+# in order of preference on a tie (fewer levels first): a level that does not lower the
+# held-out loss is not served, down to the base model alone (at epsilon 1, before the
+# noisy step shrank with sigma, the global adapter took perplexity from 205 to 711)
 CANDIDATES: tuple[tuple[str, ...], ...] = (
-    ("global",), ("global", "persona"), ("global", "persona", "user"), ("global", "user"))
+    (), ("global",), ("global", "persona"), ("global", "persona", "user"), ("global", "user"))
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class ServedStack:
     levels: tuple[str, ...]
     held_out_loss: dict[str, float]  # "global+persona" -> mean NLL per token; {} unchecked
     held_out_records: int
+
+    @property
+    def name(self) -> str:
+        return stack_name(self.levels)
+
+
+def stack_name(levels: tuple[str, ...]) -> str:
+    return "+".join(levels) or "base"
 
 
 def candidates(*, has_persona: bool, has_user: bool) -> list[tuple[str, ...]]:
@@ -43,10 +52,11 @@ def candidates(*, has_persona: bool, has_user: bool) -> list[tuple[str, ...]]:
 
 def choose_levels(losses: Mapping[tuple[str, ...], float]) -> tuple[str, ...]:
     """The stack with the lowest finite held-out loss; ties go to the earlier one in
-    ``losses`` (callers list fewer levels first). ``("global",)`` when nothing is finite."""
+    ``losses`` (callers list fewer levels first). The base model (``()``) when nothing is
+    finite."""
     finite = [(loss, i, levels) for i, (levels, loss) in enumerate(losses.items())
               if math.isfinite(loss)]
-    return min(finite)[2] if finite else ("global",)
+    return min(finite)[2] if finite else ()
 
 
 def serve_from_held_out(train: Sequence[Record], stacks: Sequence[tuple[str, ...]],
@@ -56,10 +66,11 @@ def serve_from_held_out(train: Sequence[Record], stacks: Sequence[tuple[str, ...
     """Choose among ``stacks`` on the device's held-out lines: the last ``holdout_fraction``
     of ``train`` (at most ``max_records`` of them, the latest), each after the earlier
     lines as context. ``score(data, levels)`` evaluates encoded records under a stack.
-    Without held-out lines (fewer than two records) the first stack is served unchecked."""
+    Without held-out lines (fewer than two records) the last stack (the fullest, as the
+    cold-start order chose it) is served unchecked."""
     held = split_count(len(train), holdout_fraction)
     if held <= 0 or len(stacks) == 1:
-        return ServedStack(tuple(stacks[0]), {}, 0)
+        return ServedStack(tuple(stacks[-1]), {}, 0)
     fit, holdout = list(train[:-held]), list(train[-held:])
     if max_records:
         holdout = holdout[-max_records:]
@@ -69,5 +80,5 @@ def serve_from_held_out(train: Sequence[Record], stacks: Sequence[tuple[str, ...
     for levels in stacks:
         stats = score(data, tuple(levels))
         losses[tuple(levels)] = stats.nll_sum / stats.tokens if stats.tokens else math.nan
-    return ServedStack(choose_levels(losses), {"+".join(k): v for k, v in losses.items()},
+    return ServedStack(choose_levels(losses), {stack_name(k): v for k, v in losses.items()},
                        len(holdout))

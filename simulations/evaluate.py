@@ -382,7 +382,7 @@ def _in_context(ev: RunEvaluator, population, entry: PopulationEntry,
         ev.runtime.tokenizer, seq_len=cfg.seq_len, context_tokens=context_tokens,
         holdout_fraction=cfg.user_holdout_fraction, max_records=cfg.eval_max_records)
     rows[SERVED] = score(data[False], served.levels)
-    return rows, "+".join(served.levels)
+    return rows, served.name
 
 
 def _local_only_dp(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenStats:

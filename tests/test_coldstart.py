@@ -373,8 +373,8 @@ def test_serving_chooses_a_stack_on_held_out_lines_and_generates_after_the_conte
     # Assert: the three stacks it holds were scored, the lowest served; the context
     # is what generation continues (reproducibly)
     losses = with_context.stack.held_out_loss
-    assert set(losses) == {"global", "global+persona", "global+persona+user"}
-    assert "+".join(with_context.levels) == min(losses, key=losses.get)
+    assert set(losses) == {"base", "global", "global+persona", "global+persona+user"}
+    assert with_context.stack.name == min(losses, key=losses.get)
     assert with_context.context[0] == SHOTS_X[-1]  # the most recent line first
     assert generate_text(evaluator, with_context, "ab", max_new_tokens=8) == \
         generate_text(evaluator, with_context, "ab", max_new_tokens=8)

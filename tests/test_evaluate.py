@@ -329,14 +329,14 @@ def test_in_context_rows_score_the_same_tokens_as_the_levels(evaluated):
 def test_the_served_row_is_the_in_context_row_of_the_stack_the_device_chose(evaluated):
     # Arrange: the stack each device chose, and the in-context row that scores that stack
     baselines = evaluated["baselines"]
-    row_of = {"global": "in-context-recent (global)",
+    row_of = {"base": "in-context-recent (base)", "global": "in-context-recent (global)",
               "global+persona+user": "in-context-recent (federated)"}
 
     # Act / Assert: the same tokens under the same adapters give the same perplexity
     assert set(evaluated["served_stacks"]) == set(FAIR)
     for user, stack in evaluated["served_stacks"].items():
         served = baselines[SERVED]["per_user"][user]["perplexity"]
-        assert stack in ("global", "global+persona", "global+persona+user")
+        assert stack in ("base", "global", "global+persona", "global+persona+user")
         if stack in row_of:
             assert served == pytest.approx(baselines[row_of[stack]]["per_user"][user]
                                            ["perplexity"])

@@ -8,7 +8,7 @@ import math
 import pytest
 from helpers import tokenizer
 
-from client.serving import candidates, choose_levels, serve_from_held_out
+from client.serving import candidates, choose_levels, serve_from_held_out, stack_name
 from shared.lm import IGNORE_INDEX
 from shared.metrics import TokenStats
 from shared.userdata import Record
@@ -18,20 +18,22 @@ G, GP, GPU, GU = ("global",), ("global", "persona"), ("global", "persona", "user
 
 
 @pytest.mark.parametrize(("has_persona", "has_user", "expected"), [
-    (True, True, [G, GP, GPU]),  # the user adapter was fitted under its persona: no g+u
-    (True, False, [G, GP]),
-    (False, True, [G, GU]),
-    (False, False, [G]),
+    (True, True, [(), G, GP, GPU]),  # the user adapter was fitted under its persona: no g+u
+    (True, False, [(), G, GP]),
+    (False, True, [(), G, GU]),
+    (False, False, [(), G]),
 ])
 def test_candidates_are_the_stacks_the_device_holds(has_persona, has_user, expected):
     assert candidates(has_persona=has_persona, has_user=has_user) == expected
 
 
 def test_the_lowest_finite_loss_wins_and_a_tie_goes_to_fewer_levels():
-    assert choose_levels({G: 3.0, GP: 2.5, GPU: 2.7}) == GP
+    assert choose_levels({(): 3.1, G: 3.0, GP: 2.5, GPU: 2.7}) == GP
     assert choose_levels({G: 2.5, GP: 2.5, GPU: 2.6}) == G
+    assert choose_levels({(): 2.5, G: 2.5}) == ()  # an adapter that does not help is not served
     assert choose_levels({G: math.nan, GP: 4.0, GPU: math.inf}) == GP
-    assert choose_levels({G: math.nan, GP: math.nan}) == G
+    assert choose_levels({G: math.nan, GP: math.nan}) == ()
+    assert [stack_name(s) for s in ((), G, GPU)] == ["base", "global", "global+persona+user"]
 
 
 def _responses(data) -> list[str]:
@@ -81,11 +83,12 @@ def test_at_most_max_records_of_the_latest_held_out_lines_are_scored():
 
 
 @pytest.mark.parametrize("train", [[], [Record("only one line")]])
-def test_without_held_out_lines_the_first_stack_is_served_unchecked(train):
+def test_without_held_out_lines_the_fullest_stack_is_served_unchecked(train):
     def score(data, levels):
         raise AssertionError("nothing to score")
 
-    served = serve_from_held_out(train, [G, GP], score, tokenizer(), seq_len=16,
+    served = serve_from_held_out(train, [(), G, GP], score, tokenizer(), seq_len=16,
                                  context_tokens=21, holdout_fraction=0.2, max_records=0)
 
-    assert served.levels == G and served.held_out_loss == {} and served.held_out_records == 0
+    # (the cold-start order's choice: the candidates end with it)
+    assert served.levels == GP and served.held_out_loss == {} and served.held_out_records == 0
