@@ -70,20 +70,34 @@ class DeviceStore:
         """The user's ledger; a fresh one on first use. The budget may be tightened,
         but delta must not change: the history was accounted at it. The accountant
         may change: RDP and PRV are both sound bounds on the same history."""
-        if not self.ledger_path.is_file():
+        try:
+            raw = self.ledger_json()
+        except LedgerError as err:
+            raise LedgerError(f"{err}; refusing to train without knowing the privacy "
+                              "spent") from None
+        if raw is None:
             return PrivacyLedger(target_epsilon=target_epsilon, target_delta=target_delta,
                                  accountant=accountant)
-        try:
-            ledger = PrivacyLedger.from_json(json.loads(self.ledger_path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise LedgerError(f"{self.ledger_path}: unreadable privacy ledger ({err}); "
-                              "refusing to train without knowing the privacy spent") from None
+        ledger = PrivacyLedger.from_json(raw)
         if ledger.target_delta != target_delta:
             raise LedgerError(f"{self.ledger_path}: ledger is at delta={ledger.target_delta}, "
                               f"run asks delta={target_delta}")
         ledger.target_epsilon = min(ledger.target_epsilon, target_epsilon)
         ledger.accountant = accountant
         return ledger
+
+    def ledger_json(self) -> dict | None:
+        """The ledger as stored (``None`` before the first round); :class:`LedgerError`
+        unless it reads as a :class:`PrivacyLedger`."""
+        if not self.ledger_path.is_file():
+            return None
+        try:
+            raw = json.loads(self.ledger_path.read_text())
+            PrivacyLedger.from_json(raw)
+        except (KeyError, TypeError, ValueError) as err:  # ValueError: JSON, UTF-8, numbers
+            raise LedgerError(f"{self.ledger_path}: unreadable privacy ledger ({err})") \
+                from None
+        return raw
 
     def save_ledger(self, ledger: PrivacyLedger) -> None:
         write_json_atomic(self.ledger_path, ledger.to_json())

@@ -171,9 +171,9 @@ def read_wire_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
         try:
             entries.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8: a finding of the audit, not a crash
             entries.append({"unreadable": f"{path}:{number}"})
     return entries

@@ -36,6 +36,10 @@ from shared.central_dp import CentralLedger
 KEEP_SNAPSHOTS = 2
 
 
+class CheckpointError(ValueError):
+    """A run's checkpoint is damaged: the run cannot resume from it."""
+
+
 @dataclass
 class ServerState:
     """Everything a resumed server needs; plain data."""
@@ -90,7 +94,7 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
     if not latest.is_file():
         return None
     snapshot = root / latest.read_text().strip()
-    meta = json.loads((snapshot / "state.json").read_text())
+    meta = _read_meta(snapshot / "state.json")
     optimizer: dict[str, FedAdamState] = {level: FedAdamState() for level in
                                           meta.get("optimizer_levels", [])}
     if (snapshot / "optimizer.safetensors").is_file():
@@ -98,15 +102,26 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
             level, kind, name = key.split("|", 2)
             getattr(optimizer.setdefault(level, FedAdamState()), kind)[name] = tensor
     return ServerState(
-        round=int(meta["round"]),
+        round=meta["round"],
         global_state=load_adapter_state(snapshot / "global"),
         persona_states={p: load_adapter_state(snapshot / "persona" / p)
                         for p in meta["personas"]},
         optimizer=optimizer, history=meta["history"],
         epsilon_per_user=meta["epsilon_per_user"], rejected=meta.get("rejected", []),
-        assignments=meta.get("assignments", {}),
-        central_dp=CentralLedger.from_json(meta["central_dp"]) if meta.get("central_dp")
-        else None)
+        assignments=meta.get("assignments", {}), central_dp=meta["central_dp"])
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``state.json`` with ``round`` an int and ``central_dp`` a :class:`CentralLedger`
+    (or None); :class:`CheckpointError` when it is damaged."""
+    try:
+        meta = json.loads(path.read_text())
+        return {**meta, "round": int(meta["round"]), "central_dp": CentralLedger.from_json(
+            meta["central_dp"]) if meta.get("central_dp") else None}
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # ValueError: JSON,
+        # UTF-8, numbers; the others: a field missing or of the wrong kind
+        raise CheckpointError(f"{path}: damaged checkpoint ({type(err).__name__}: {err}); "
+                              "start the run again in a new run-dir") from None
 
 
 def _publish_adapters(run_dir: Path, state: ServerState, lora: LoraConfig) -> None:

@@ -26,6 +26,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from shared.config import ConfigError
+
 CANARY_PREFIX = "my secret number is"
 SECRET_DIGITS = 6
 
@@ -83,7 +85,7 @@ def secret_space_bits(digits: int = SECRET_DIGITS) -> float:
 def candidate_secrets(n: int, *, exclude: Sequence[str], seed: int) -> list[str]:
     """``n`` distinct random secrets of the canary format, none of them a planted one."""
     if n >= 10 ** SECRET_DIGITS - len(exclude):
-        raise ValueError(f"{n} candidates do not fit a space of 10^{SECRET_DIGITS}")
+        raise ConfigError(f"{n} candidates do not fit a space of 10^{SECRET_DIGITS}")
     rng = random.Random(f"candidates:{seed}")
     taken, out = set(exclude), []
     while len(out) < n:
@@ -99,11 +101,11 @@ def plan_audit(train_counts: Mapping[str, int], *, one_run: int, repeated: int, 
     """Place ``one_run`` Bernoulli(1/2) canaries and ``repeated`` canaries of ``copies``
     copies on random users; hold out each record with probability ``holdout_fraction``."""
     if not train_counts:
-        raise ValueError("an audit needs at least one user")
+        raise ConfigError("an audit needs at least one user")
     if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout fraction {holdout_fraction} is not in [0, 1)")
+        raise ConfigError(f"holdout fraction {holdout_fraction} is not in [0, 1)")
     if repeated and copies < 1:
-        raise ValueError(f"repeated canaries need copies >= 1, not {copies}")
+        raise ConfigError(f"repeated canaries need copies >= 1, not {copies}")
     rng = random.Random(f"audit:{seed}")
     users = sorted(train_counts)
     secrets: set[str] = set()
@@ -124,6 +126,6 @@ def plan_audit(train_counts: Mapping[str, int], *, one_run: int, repeated: int, 
         n = train_counts[user]
         held = tuple(i for i in range(n) if rng.random() < holdout_fraction)
         if len(held) == n:
-            raise ValueError(f"user {user} has {n} training records: none would stay")
+            raise ConfigError(f"user {user} has {n} training records: none would stay")
         holdout[user] = held
     return AuditPlan(seed=seed, canaries=tuple(canaries), holdout=holdout)

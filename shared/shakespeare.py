@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.config import ConfigError
 from shared.userdata import (
     MANIFEST_FILE,
     ROLE_COLD_CHARACTER,
@@ -130,8 +131,8 @@ def build_users(plays: list[Play], settings: ShakespeareSettings) -> list[tuple[
     known = {p.play_id for p in plays}
     unknown = [p for p in settings.cold_start_plays if p not in known]
     if unknown:
-        raise ValueError(f"cold-start play(s) not in the corpus: {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(known))})")
+        raise ConfigError(f"cold-start play(s) not in the corpus: {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(known))})")
     users = []
     for play in plays:
         by_character: dict[str, list[str]] = {}

@@ -41,7 +41,7 @@ from simulations.audit_attacks import (
     membership_inference,
     one_run_audit,
 )
-from simulations.audit_plant import PlantSettings, is_planted, plant
+from simulations.audit_plant import AuditSetupError, PlantSettings, is_planted, plant
 from simulations.audit_scores import load_or_score
 from simulations.evaluate import load_run_config
 
@@ -76,12 +76,9 @@ def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict
     reported = report["privacy"].get("epsilon_per_user", {})
     findings: list[LedgerFinding] = []
     for user_id, user_dir in _devices(cfg, user_dirs):
-        store = DeviceStore(user_dir, cfg.federation_key)
-        if not store.ledger_path.is_file():
-            raw = {"target_epsilon": None, "target_delta": cfg.target_delta, "history": [],
-                   "epsilon": 0.0, "rounds": 0}
-        else:
-            raw = json.loads(store.ledger_path.read_text())
+        raw = DeviceStore(user_dir, cfg.federation_key).ledger_json() or {
+            "target_epsilon": None, "target_delta": cfg.target_delta, "history": [],
+            "epsilon": 0.0, "rounds": 0}
         rate = sample_rate(cfg.batch_size, len(load_user(user_dir).train), cfg.dp_sample_rate)
 
         def plan(ledger, private_choice, rate=rate):
@@ -130,7 +127,11 @@ def wire_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict:
 
 
 def _report(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "report.json").read_text())
+    path = Path(run_dir) / "report.json"
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # not UTF-8, not JSON
+        raise AuditSetupError(f"{path}: not a valid run report ({err})") from None
 
 
 def _accounted(ledger: dict) -> tuple[float, float]:
@@ -172,7 +173,7 @@ def run_audit_command(check: str, *, runs: Sequence[Path], out: Path | None,
     if out is not None:
         runs = [*runs, *prepare(out, settings, plant_settings)]
     if not runs:
-        raise ValueError("give --run DIR (a finished run) or --out DIR (prepare the runs)")
+        raise AuditSetupError("give --run DIR (a finished run) or --out DIR (prepare the runs)")
     checks = CHECKS if check == "all" else (check,)
     results: dict[str, dict[str, dict]] = {}
     for run_dir in runs:
@@ -211,12 +212,18 @@ def _run_check(check: str, run_dir: Path, candidates: int,
     if check == "wire":
         return wire_check(run_dir, user_dirs)
     if user_dirs:
-        raise ValueError(f"--user-dir is for the ledger and wire checks, not {check}")
+        raise AuditSetupError(f"--user-dir is for the ledger and wire checks, not {check}")
     scores = load_or_score(run_dir, candidates=candidates)
     if check == "canary":
         return {"check": "canary", "run_dir": str(run_dir), "dp": scores["dp"],
                 **canary_exposure(scores)}
     if check == "mia":
+        members = sum(1 for r in scores["records"] if r["member"])
+        if not members or members == len(scores["records"]):
+            raise AuditSetupError(f"{run_dir}: membership inference needs members and held-out "
+                                  f"non-members, the run has {members} and "
+                                  f"{len(scores['records']) - members} (plant with "
+                                  "--holdout-fraction between 0 and 1)")
         return {"check": "mia", "run_dir": str(run_dir), "dp": scores["dp"],
                 **membership_inference(scores)}
     epsilon, delta = _accounted((done or {}).get("ledger") or ledger_check(run_dir))

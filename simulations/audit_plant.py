@@ -79,15 +79,20 @@ def load_plan(population_root: Path) -> AuditPlan:
                               "population from 'fedpersona audit plant')")
     try:
         return AuditPlan.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:  # ValueError: JSON, UTF-8, numbers
         raise AuditSetupError(f"{path}: not a valid audit plan ({err})") from None
 
 
 def load_holdout(population_root: Path) -> dict[str, list[Record]]:
     path = Path(population_root) / HOLDOUT_FILE
     out: dict[str, list[Record]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        raw = json.loads(line)
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            raw = json.loads(line)
+        except ValueError as err:  # not UTF-8, not JSON
+            raise AuditSetupError(f"{path}:{number}: malformed JSON ({err})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("user_id"), str):
+            raise AuditSetupError(f"{path}:{number}: a held-out record needs a 'user_id'")
         out.setdefault(raw.pop("user_id"), []).append(parse_record(raw, f"{path}:{number}"))
     return out
 

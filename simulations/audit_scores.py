@@ -20,7 +20,7 @@ from shared.atomic import write_json_atomic
 from shared.canaries import canary_text, candidate_secrets
 from shared.federation import load_run_population, training_users
 from shared.userdata import Record, load_user
-from simulations.audit_plant import load_holdout, load_plan
+from simulations.audit_plant import AuditSetupError, load_holdout, load_plan
 from simulations.evaluate import RunEvaluator, load_run_config
 
 SCORES_FILE = "audit/scores.json"
@@ -35,8 +35,13 @@ def load_or_score(run_dir: Path, *, candidates: int = 1000,
     """The run's scores, computed once (and again if asked for more candidates)."""
     path = scores_path(run_dir)
     if path.is_file():
-        scores = json.loads(path.read_text())
-        if len(scores["candidates"]["base"]) >= candidates:
+        try:
+            scores = json.loads(path.read_text())
+            done = len(scores["candidates"]["base"])
+        except (KeyError, TypeError, ValueError) as err:  # ValueError: JSON, UTF-8
+            raise AuditSetupError(f"{path}: not a valid scores file ({type(err).__name__}: "
+                                  f"{err}); delete it to score the run again") from None
+        if done >= candidates:
             return scores
     scores = score_run(run_dir, candidates=candidates, progress=progress)
     write_json_atomic(path, scores, sort_keys=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from shared.adapters import RELEASED_LEVELS, load_level
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.federation import load_run_population, training_users
 from shared.lm import EncodedRecords, encode_records
 from shared.runtime import Runtime, get_runtime
@@ -20,7 +20,7 @@ def bench_records(cfg: RunConfig) -> EncodedRecords:
         records = load_user(population.user_dir(entry.user_id)).train
         if len(records) >= cfg.batch_size:
             return encode_records(records, runtime.tokenizer, cfg.seq_len)
-    raise ValueError(f"no training user has batch-size = {cfg.batch_size} records")
+    raise ConfigError(f"no training user has batch-size = {cfg.batch_size} records")
 
 
 def fixed_batch(data: EncodedRecords, batch_size: int, seed: int = 0) -> EncodedRecords:

@@ -18,17 +18,24 @@ class UserFacingError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause, each raised with a message that names the problem. Not a
+    bare ValueError: one from our own code is a bug, and keeps its traceback."""
+    from client.store import LedgerError
+    from server.checkpoint import CheckpointError
     from shared.adapters import AdapterFormatError
+    from shared.certs import CredentialsError
     from shared.config import ConfigError
-    from shared.model import ModelNotFoundError
+    from shared.model import ModelLoadError, ModelNotFoundError
     from shared.shakespeare import CorpusNotFoundError
     from shared.userdata import DataFormatError
     from simulations.audit_plant import AuditSetupError
     from simulations.deploy import DeployError
     from simulations.evaluate import EvaluationError
 
-    return (UserFacingError, AuditSetupError, DeployError, AdapterFormatError, EvaluationError, ConfigError, ModelNotFoundError, CorpusNotFoundError,
-            DataFormatError, FileExistsError, FileNotFoundError, ValueError)
+    return (UserFacingError, ConfigError, DataFormatError, AdapterFormatError, LedgerError,
+            CheckpointError, CredentialsError, ModelLoadError, ModelNotFoundError,
+            CorpusNotFoundError, AuditSetupError, DeployError, EvaluationError,
+            FileExistsError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +304,8 @@ def _audit(args: argparse.Namespace) -> int:
     from simulations.audit import AuditFailed, run_audit_command
     from simulations.audit_plant import PlantSettings
 
+    _check_at_least(args, one_run_canaries=0, repeated_canaries=0,
+                    **({} if args.check == "plant" else {"candidates": 1}))
     settings = PlantSettings(one_run_canaries=args.one_run_canaries,
                              repeated_canaries=args.repeated_canaries, copies=args.copies,
                              holdout_fraction=args.holdout_fraction)
@@ -374,7 +383,7 @@ def _generate(args: argparse.Namespace) -> int:
     serving = serve_user(evaluator, args.user_dir, context_tokens=args.context_tokens)
     if args.explain:
         choice = serving.choice
-        print(f"served by: {choice.served_by}; adapters: {' + '.join(serving.levels)}"
+        print(f"served by: {choice.served_by}; adapters: {serving.stack.name}"
               + (f" (persona {choice.persona})" if choice.persona else ""))
         print(f"why: {choice.reason}")
         if serving.stack.held_out_loss:

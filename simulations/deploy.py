@@ -103,7 +103,10 @@ def write_connection(name: str, address: str, *, ca: Path | None) -> Path:
     if ":" not in address:
         raise DeployError(f"SuperLink address {address!r} needs host:port")
     path = flwr_home() / "config.toml"
-    config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DeployError(f"{path}: malformed TOML ({err})") from None
     entry: dict[str, object] = {"address": address}
     if ca is None:
         entry["insecure"] = True

@@ -23,7 +23,7 @@ def app_config_defaults(pyproject: Path) -> dict:
         return {}
     try:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{pyproject}: malformed TOML ({err})") from None
     flwr = data.get("tool", {}).get("flwr", {})
     if flwr.get("app", {}).get("publisher") != "fedpersona":

@@ -14,6 +14,7 @@ from shared.canaries import (
     candidate_secrets,
     plan_audit,
 )
+from shared.config import ConfigError
 from shared.userdata import load_population, load_user
 from simulations.audit_plant import PlantSettings, load_holdout, load_plan, plant
 
@@ -54,11 +55,11 @@ def test_holdout_is_an_independent_coin_per_record():
 
 
 def test_bad_plans_are_refused():
-    with pytest.raises(ValueError, match="at least one user"):
+    with pytest.raises(ConfigError, match="at least one user"):
         plan_audit({}, one_run=1, repeated=0, copies=1, holdout_fraction=0.5, seed=0)
-    with pytest.raises(ValueError, match="holdout fraction"):
+    with pytest.raises(ConfigError, match="holdout fraction"):
         _plan(holdout_fraction=1.0)
-    with pytest.raises(ValueError, match="copies"):
+    with pytest.raises(ConfigError, match="copies"):
         _plan(copies=0)
 
 

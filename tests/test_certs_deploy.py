@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtensionOID
 from helpers import write_small_population
 
-from shared.certs import write_credentials
+from shared.certs import CredentialsError, write_credentials
 from shared.config import ConfigError
 from simulations.deploy import (
     DeployError,
@@ -65,7 +65,7 @@ def test_credentials_are_never_overwritten(tmp_path):
 
     assert all(again[k].read_bytes() == v for k, v in before.items())
     assert again["supernode:carol"].is_file()
-    with pytest.raises(ValueError, match="bad SuperNode name"):
+    with pytest.raises(CredentialsError, match="bad SuperNode name"):
         write_credentials(tmp_path, supernodes=["../evil"])
 
 

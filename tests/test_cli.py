@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from shared.config import ConfigError
+from simulations import cli
 from simulations.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +120,48 @@ def test_malformed_user_data_fails_the_simulation_cleanly(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert f"{victim}/data.jsonl:2: malformed JSON" in err
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(monkeypatch, capsys):
+    # Arrange: the command fails inside our own code, first with a bug, then with a
+    # user error
+    def raising(error):
+        def data_command(args):
+            raise error
+        return data_command
+
+    argv = ["data", "shakespeare", "--out", "unused"]
+
+    # Act / Assert: a bare ValueError is a bug: it propagates, with its traceback
+    monkeypatch.setattr(cli, "_data", raising(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        main(argv)
+    assert capsys.readouterr().err == ""
+
+    # Act / Assert: a ConfigError (a ValueError too) is the user's: one line, exit 1
+    monkeypatch.setattr(cli, "_data", raising(ConfigError("min-records must be >= 1, got 0")))
+    assert main(argv) == 1
+    assert capsys.readouterr().err == "fedpersona: error: min-records must be >= 1, got 0\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["deploy", "certs", "--supernodes", "../evil"], "bad SuperNode name '../evil'"),
+    (["deploy", "certs", "--host", ""], "bad host ''"),
+    (["deploy", "connect", "--insecure"], "config.toml: malformed TOML"),
+    (["audit", "ledger"], "give --run DIR (a finished run) or --out DIR"),
+    (["audit", "canary", "--run", "no-run", "--candidates", "0"],
+     "--candidates must be >= 1, got 0"),
+])
+def test_user_errors_that_were_bare_value_errors_are_still_one_line(args, message, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text("[superlink\n")
+    if args[:2] == ["deploy", "certs"]:
+        args = [*args, "--out", str(tmp_path / "certs")]
+
+    code = main(args)
+
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "certs").exists()  # refused before anything was written

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+from shared.config import ConfigError
 from shared.shakespeare import GENRES, ShakespeareSettings, build_users, load_corpus, parse_play
 from shared.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, ROLE_TRAIN
 
@@ -110,5 +111,5 @@ def test_roles_do_not_depend_on_other_users():
 
 
 def test_unknown_cold_start_play_is_an_error():
-    with pytest.raises(ValueError, match="not-a-play"):
+    with pytest.raises(ConfigError, match="not-a-play"):
         build_users(corpus(), ShakespeareSettings(cold_start_plays=("not-a-play",)))
