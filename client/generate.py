@@ -14,6 +14,7 @@ from client.coldstart import AdapterChoice, choose_adapters
 from client.serving import ServedStack, candidates, serve_from_held_out
 from client.store import DeviceStore
 from shared.adapters import activate
+from shared.config import ConfigError
 from shared.lm import prompt_ids
 from shared.userdata import Record, load_user
 
@@ -80,7 +81,7 @@ def generate_text(evaluator, serving: Serving | AdapterChoice, prompt: str, *,
         if isinstance(serving, Serving) else ((), 0)
     ids = prompt_ids(prompt, context, runtime.tokenizer, context_tokens=budget)
     if not ids:
-        raise ValueError("the prompt is empty and there is no context to continue")
+        raise ConfigError("the prompt is empty and there is no context to continue")
     model = runtime.model
     if serving.levels:
         activate(model, serving.levels)

@@ -63,7 +63,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
     report = Path(run_dir) / "report.json"
     if not report.is_file():
         raise EvaluationError(f"{report}: missing (is {run_dir} a finished fedpersona run?)")
-    return RunConfig.from_mapping(json.loads(report.read_text())["config"])
+    try:
+        settings = json.loads(report.read_text())["config"]
+    except (KeyError, TypeError, ValueError) as err:  # ValueError: JSON and UTF-8 errors
+        raise EvaluationError(f"{report}: not a valid run report ({err})") from None
+    return RunConfig.from_mapping(settings)
 
 
 def summarize(per_user: dict[str, TokenStats]) -> dict:

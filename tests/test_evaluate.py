@@ -149,6 +149,14 @@ def test_load_run_config_without_a_report_is_a_clear_error(tmp_path):
         load_run_config(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"rounds": []}', "\udcff"])
+def test_load_run_config_of_a_broken_report_is_a_clear_error(tmp_path, text):
+    (tmp_path / "report.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+
+    with pytest.raises(EvaluationError, match="not a valid run report"):
+        load_run_config(tmp_path)
+
+
 def test_load_run_config_reads_back_the_runs_settings(tmp_path):
     cfg = RunConfig(model="tiny", personas="discovered:3", num_rounds=7, seq_len=24,
                     target_epsilon=2.5)
