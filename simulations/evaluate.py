@@ -196,10 +196,10 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
     if include_levels:
         progress(f"levels on {len(trained)} training users")
     levels = _levels(ev, population, trained) if include_levels else {}
-    baselines, untrained, served_stacks = _baselines(ev, population, trained, baseline_users=baseline_users,
-                                      centralized_steps=centralized_steps,
-                                      context_tokens=context_tokens, full=full,
-                                      progress=progress)
+    baselines, untrained, served_stacks = _baselines(
+        ev, population, trained, baseline_users=baseline_users,
+        centralized_steps=centralized_steps, context_tokens=context_tokens, full=full,
+        progress=progress)
     order = ("local-only", "local-only-all-steps", LOCAL_IN_CONTEXT, *IN_CONTEXT_ROWS, SERVED,
              "centralized", "local-only-dp-global")
     result = {"baselines": {name: summarize(baselines[name]) for name in order
@@ -210,7 +210,7 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
         compared = against_levels(result["levels"], result["baselines"], untrained)
         result["baselines"].update(compared["same_users"])
         result["federation_gain"] = compared["federation_gain"]
-        result["served_gain"] = compared["served_gain"]
+        result["served_gain"] = compared.get("served_gain")
     for kind, users in cold.items():
         progress(f"cold start ({kind}) on {len(users)} users, k={cold_start_k}")
         key = "cold_start" if kind == "known_plays" else "cold_start_held_out_plays"
@@ -264,11 +264,11 @@ def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
     baselines: dict[str, dict[str, TokenStats]] = {}
     progress(f"local-only baselines (no DP) on {len(fair)} users that trained"
              + (f" ({len(untrained)} never trained: left out)" if untrained else ""))
+    local_rows = [("local-only", cfg.user_steps)] + [
+        ("local-only-all-steps", cfg.user_steps + cfg.local_steps)] * full
     for entry in fair:
         user = load_user(population.user_dir(entry.user_id))
-        for name, steps in (("local-only", cfg.user_steps),
-                            ("local-only-all-steps", cfg.user_steps + cfg.local_steps))[
-                                :2 if full else 1]:
+        for name, steps in local_rows:
             # the local-only adapter also under the recent context: prompting is open to
             # a user alone too, and the served stack below uses it
             context = _context_data(ev, user, context_tokens) if name == "local-only" \
