@@ -85,9 +85,9 @@ def loss_noise(cfg: RunConfig, sigma: float) -> float:
 
 def slot_noise_std(cfg: RunConfig, noise_multiplier: float, num_records: int) -> float:
     """Per-coordinate std of the noise a DP-SGD step of this device puts on an adapter's
-    change under distributed DP: ``lr * share * C / (q n)`` (``lr`` of :func:`released_lr`). A client adds exactly this to
-    every persona slot it did not train, so each slot's sum carries every survivor's
-    share, as the global sum does."""
+    change under distributed DP: ``lr * share * C / (q n)`` (``lr`` of :func:`released_lr`).
+    A client adds exactly this to every persona slot it did not train, so each slot's sum
+    carries every survivor's share, as the global sum does."""
     share = noise_share(cfg, noise_multiplier)
     return (released_lr(cfg, noise_multiplier) * share * cfg.max_grad_norm
             / (cfg.dp_sample_rate * max(num_records, 1)))
