@@ -76,11 +76,20 @@ def released_lr(cfg: RunConfig, sigma: float) -> float:
     return cfg.learning_rate
 
 
+# the train-loss release's noise is at least this many times the step's: a Gaussian
+# release at k x sigma costs 1/k^2 of the step's (Renyi) privacy, so a report of the
+# loss never takes more than 1/16 of what the training does
+LOSS_NOISE_RATIO = 4.0
+
+
 def loss_noise(cfg: RunConfig, sigma: float) -> float:
     """The train-loss release's noise multiplier: ``loss-noise-multiplier``, but never less
-    than the training step's own ``sigma`` (at a small budget a fixed 4 alone would spend
-    more than the budget, and every device would decline every round)."""
-    return max(cfg.loss_noise_multiplier, sigma)
+    than :data:`LOSS_NOISE_RATIO` x the training step's ``sigma`` (at epsilon 1 a fixed 4
+    alone spent more than the budget and every device declined every round); 0 releases
+    it at ``sigma`` (the old recipe: the loss took as much of the budget as the step)."""
+    if not cfg.loss_noise_multiplier:
+        return sigma
+    return max(cfg.loss_noise_multiplier, LOSS_NOISE_RATIO * sigma)
 
 
 def slot_noise_std(cfg: RunConfig, noise_multiplier: float, num_records: int) -> float:

@@ -93,7 +93,8 @@ class RunConfig:
     # rounds a device plans its budget for: each time it trains it picks the smallest
     # noise multiplier that leaves enough for the rest; 0 = noise-multiplier, fixed
     planned_rounds: int = 2
-    loss_noise_multiplier: float = 4.0  # the noisy train-loss release; at least noise-multiplier
+    # the noisy train-loss release, at least 4 x the step's sigma; 0 = the step's sigma
+    loss_noise_multiplier: float = 4.0
     accountant: str = "prv"  # "rdp" or "prv" (tighter, sound): what the budget is enforced with
     grad_sample_mode: str = "hooks"  # Opacus per-record clipping: "hooks" or "ghost" clipping
     target_epsilon: float = 8.0  # per-user budget; a client refuses a round that would pass it

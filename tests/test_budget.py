@@ -40,3 +40,15 @@ def test_distributed_slot_noise_uses_the_same_step():
 def test_a_bad_reference_is_refused(value):
     with pytest.raises(ConfigError, match="lr-noise-reference"):
         RunConfig(lr_noise_reference=value)
+
+
+@pytest.mark.parametrize(("setting", "sigma", "expected"), [
+    (4.0, 0.87, 4.0),  # epsilon 8: the setting
+    (4.0, 2.0, 8.0),  # a small budget's large sigma: 4 x sigma, 1/16 of the step's cost
+    (0.0, 2.0, 2.0),  # 0: the step's own sigma (the old recipe)
+])
+def test_the_loss_release_is_at_least_four_times_as_noisy_as_the_step(setting, sigma,
+                                                                        expected):
+    from client.budget import loss_noise
+
+    assert loss_noise(RunConfig(loss_noise_multiplier=setting), sigma) == expected
