@@ -164,6 +164,10 @@ IN_CONTEXT_ROWS = {  # row -> (levels, retrieval)
     # the device's whole stack (a persona-less user's persona slot is the identity)
     "in-context-recent (federated)": (("global", "persona", "user"), False),
 }
+# rows that have not changed a conclusion, left to ``full`` (each costs a pass of every
+# user's test lines at context width): retrieval never beat the recent lines, and the
+# whole stack under context is one of the stacks the served row chooses from
+FULL_ONLY_ROWS = frozenset({"in-context-retrieved (global)", "in-context-recent (federated)"})
 
 
 def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int = 8,
@@ -177,9 +181,10 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
     ``include_levels=False`` skips the levels and so the federation gain (the simulation's
     Flower evaluation round has measured the levels on the devices already; the caller
     then gets the gain from :func:`against_levels`). ``context_tokens`` bounds the context
-    of the in-context rows, in tokens. ``full`` adds the two slow rows that have
+    of the in-context rows, in tokens. ``full`` adds the slow rows that have
     never changed a conclusion: ``local-only-all-steps`` (within a point of
-    ``local-only`` on the default run) and the ``local-only-dp-global`` strawman."""
+    ``local-only`` on the default run), the ``local-only-dp-global`` strawman and
+    :data:`FULL_ONLY_ROWS`."""
     started = time.monotonic()
     cfg = load_run_config(run_dir)
     population = load_run_population(cfg)
@@ -283,7 +288,8 @@ def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
              f"{context_tokens} context tokens")
     served_stacks = {}
     for entry in fair:
-        rows, served_stacks[entry.user_id] = _in_context(ev, population, entry, context_tokens)
+        rows, served_stacks[entry.user_id] = _in_context(ev, population, entry, context_tokens,
+                                                         full=full)
         for name, stats in rows.items():
             baselines.setdefault(name, {})[entry.user_id] = stats
     if full:
@@ -364,28 +370,35 @@ def _context_data(ev: RunEvaluator, user, context_tokens: int, *,
                            context_tokens=context_tokens, retrieve=retrieve)
 
 
-def _in_context(ev: RunEvaluator, population, entry: PopulationEntry,
-                context_tokens: int) -> tuple[dict[str, TokenStats], str]:
+def _in_context(ev: RunEvaluator, population, entry: PopulationEntry, context_tokens: int,
+                *, full: bool) -> tuple[dict[str, TokenStats], str]:
     """The user's test records after their own training records, under the base model,
-    the run's global adapter and the device's whole stack (:data:`IN_CONTEXT_ROWS`), and
-    under the stack the device serves (:func:`client.serving.serve_from_held_out`);
-    returns the rows and that stack's name."""
+    the run's global adapter and (``full``) the device's whole stack
+    (:data:`IN_CONTEXT_ROWS`), and under the stack the device serves
+    (:func:`client.serving.serve_from_held_out`); returns the rows and that stack's name."""
     cfg = ev.cfg
     user = load_user(population.user_dir(entry.user_id))
+    wanted = {name: spec for name, spec in IN_CONTEXT_ROWS.items()
+              if full or name not in FULL_ONLY_ROWS}
     data = {retrieve: _context_data(ev, user, context_tokens, retrieve=retrieve)
-            for retrieve in (False, True)}
+            for retrieve in {False} | {retrieve for _, retrieve in wanted.values()}}
     persona, has_user = _load_served(ev, population, entry)  # rows activate their levels
+    scored: dict[tuple, TokenStats] = {}
 
     def score(encoded, levels):  # batches of 4: rows are context_tokens + seq_len wide
         return ev.stats(encoded, levels, batch_size=4)
 
-    rows = {name: score(data[retrieve], levels)
-            for name, (levels, retrieve) in IN_CONTEXT_ROWS.items()}
+    def on_test(levels: tuple[str, ...], retrieve: bool = False) -> TokenStats:
+        if (levels, retrieve) not in scored:  # the served stack is often a row's
+            scored[levels, retrieve] = score(data[retrieve], levels)
+        return scored[levels, retrieve]
+
+    rows = {name: on_test(levels, retrieve) for name, (levels, retrieve) in wanted.items()}
     served = serve_from_held_out(
         user.train, candidates(has_persona=persona is not None, has_user=has_user), score,
         ev.runtime.tokenizer, seq_len=cfg.seq_len, context_tokens=context_tokens,
         holdout_fraction=cfg.user_holdout_fraction, max_records=cfg.eval_max_records)
-    rows[SERVED] = score(data[False], served.levels)
+    rows[SERVED] = on_test(served.levels)
     return rows, served.name
 
 

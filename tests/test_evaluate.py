@@ -34,6 +34,7 @@ from shared.userdata import (
 )
 from simulations import evaluate as evaluation
 from simulations.evaluate import (
+    FULL_ONLY_ROWS,
     IN_CONTEXT_ROWS,
     LOCAL_IN_CONTEXT,
     LOCAL_ROWS,
@@ -393,6 +394,23 @@ def test_finish_report_merges_the_baselines_gain_and_plot_into_both_files(
         in markdown
     assert "left out as they never trained: t2 (a fair" in markdown
     assert "`local-only-dp-global` ran on 1 of these users" in markdown
+
+
+def test_without_full_the_slow_rows_are_left_out_and_the_rest_agree(run_dir, evaluated):
+    # Act
+    quick = evaluate_run(run_dir, cold_start_k=0, baseline_users=1, centralized_steps=2,
+                         context_tokens=CONTEXT_TOKENS, include_levels=False,
+                         progress=lambda _: None)
+
+    # Assert: the same figures for every row both ran (the same seeds and adapters)
+    rows = set(quick["baselines"])
+    assert not rows & (FULL_ONLY_ROWS | {"local-only-all-steps", "local-only-dp-global"})
+    assert {"local-only", LOCAL_IN_CONTEXT, SERVED, "in-context-recent (base)",
+            "in-context-recent (global)", "centralized"} <= rows
+    for name in rows:
+        assert quick["baselines"][name]["perplexity"] == pytest.approx(
+            evaluated["baselines"][name]["perplexity"]), name
+    assert quick["served_stacks"] == evaluated["served_stacks"]
 
 
 @pytest.mark.parametrize("full", [False, True])
