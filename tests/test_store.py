@@ -249,15 +249,23 @@ def test_dp_noise_is_not_reproducible_from_public_values(tmp_path):
     the server, which knows all three, cannot regenerate a device's noise."""
     import shutil
 
-    from helpers import initial_server_state, node_context, round_message, small_config
+    from helpers import (
+        FIXED_NOISE,
+        initial_server_state,
+        node_context,
+        round_message,
+        small_config,
+    )
 
     from client.client_app import train
     from shared.records import record_to_state
     from shared.wire import KEY_GLOBAL
 
-    cfg = small_config(tmp_path / "one")
+    # a fixed noise multiplier: a calibrated one follows the device's spend, which the
+    # second call on the same device has changed (the first call's round is closed)
+    cfg = small_config(tmp_path / "one", **FIXED_NOISE)
     shutil.copytree(tmp_path / "one" / "pop", tmp_path / "two" / "pop")
-    cfg_two = small_config(tmp_path / "two", run_dir=cfg.run_dir)
+    cfg_two = small_config(tmp_path / "two", run_dir=cfg.run_dir, **FIXED_NOISE)
     state = initial_server_state(cfg)
 
     replies = []
