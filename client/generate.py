@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from client.coldstart import AdapterChoice, choose_adapters
-from client.serving import ServedStack, candidates, serve_from_held_out
+from client.serving import ServedStack, candidates, serve_for_config
 from client.store import DeviceStore
 from shared.adapters import activate
 from shared.config import ConfigError
@@ -61,14 +61,13 @@ def serve_user(evaluator, user_dir: Path, *, context_tokens: int) -> Serving:
     stacks it allows the one the user's held-out lines favour under the recent context,
     and that context (up to ``context_tokens`` tokens of the user's latest lines)."""
     choice = choose_for_user(evaluator, user_dir)
-    cfg = evaluator.cfg
     train = load_user(user_dir, allow_empty=True).train
     stacks = candidates(has_persona=choice.persona is not None,
                         has_user="user" in choice.levels)
-    stack = serve_from_held_out(
-        train, stacks, lambda data, levels: evaluator.stats(data, levels, batch_size=4),
-        evaluator.runtime.tokenizer, seq_len=cfg.seq_len, context_tokens=context_tokens,
-        holdout_fraction=cfg.user_holdout_fraction, max_records=cfg.eval_max_records)
+    stack = serve_for_config(
+        evaluator.cfg, train, stacks,
+        lambda data, levels: evaluator.stats(data, levels, batch_size=4),
+        evaluator.runtime.tokenizer, context_tokens=context_tokens)
     return Serving(choice, stack, tuple(reversed(train)), context_tokens)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from client.in_context import in_context_data
+from shared.config import RunConfig
 from shared.lm import split_count
 from shared.metrics import TokenStats
 from shared.userdata import Record
@@ -57,6 +58,17 @@ def choose_levels(losses: Mapping[tuple[str, ...], float]) -> tuple[str, ...]:
     finite = [(loss, i, levels) for i, (levels, loss) in enumerate(losses.items())
               if math.isfinite(loss)]
     return min(finite)[2] if finite else ()
+
+
+def serve_for_config(cfg: RunConfig, train: Sequence[Record],
+                     stacks: Sequence[tuple[str, ...]], score, tokenizer, *,
+                     context_tokens: int) -> ServedStack:
+    """:func:`serve_from_held_out` with the run's sequence length, held-out share
+    (``user-holdout-fraction``, as the user adapter's check) and record cap."""
+    return serve_from_held_out(train, stacks, score, tokenizer, seq_len=cfg.seq_len,
+                               context_tokens=context_tokens,
+                               holdout_fraction=cfg.user_holdout_fraction,
+                               max_records=cfg.eval_max_records)
 
 
 def serve_from_held_out(train: Sequence[Record], stacks: Sequence[tuple[str, ...]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -237,11 +238,7 @@ def served_stack_lines(stacks: Mapping[str, str] | None) -> list[str]:
     """How many devices serve each stack (each chose on its own held-out lines)."""
     if not stacks:
         return []
-    counts: dict[str, int] = {}
-    for stack in stacks.values():
-        counts[stack] = counts.get(stack, 0) + 1
-    chosen = ", ".join(f"{stack} {n}" for stack, n in sorted(counts.items(),
-                                                                key=lambda kv: -kv[1]))
+    chosen = ", ".join(f"{stack} {n}" for stack, n in Counter(stacks.values()).most_common())
     return [f"Stacks the devices serve (each chose on its own held-out lines, under the "
             f"recent context): {chosen}.", ""]
 

@@ -40,7 +40,7 @@ import torch
 
 from client.coldstart import choose_adapters
 from client.in_context import in_context_data
-from client.serving import candidates, serve_from_held_out
+from client.serving import candidates, serve_for_config
 from client.store import DeviceStore
 from client.trainer import DPSettings, train_released, train_user_checked
 from server.report import FEDERATED, federation_gain, restrict
@@ -376,7 +376,6 @@ def _in_context(ev: RunEvaluator, population, entry: PopulationEntry, context_to
     the run's global adapter and (``full``) the device's whole stack
     (:data:`IN_CONTEXT_ROWS`), and under the stack the device serves
     (:func:`client.serving.serve_from_held_out`); returns the rows and that stack's name."""
-    cfg = ev.cfg
     user = load_user(population.user_dir(entry.user_id))
     wanted = {name: spec for name, spec in IN_CONTEXT_ROWS.items()
               if full or name not in FULL_ONLY_ROWS}
@@ -394,10 +393,9 @@ def _in_context(ev: RunEvaluator, population, entry: PopulationEntry, context_to
         return scored[levels, retrieve]
 
     rows = {name: on_test(levels, retrieve) for name, (levels, retrieve) in wanted.items()}
-    served = serve_from_held_out(
-        user.train, candidates(has_persona=persona is not None, has_user=has_user), score,
-        ev.runtime.tokenizer, seq_len=cfg.seq_len, context_tokens=context_tokens,
-        holdout_fraction=cfg.user_holdout_fraction, max_records=cfg.eval_max_records)
+    served = serve_for_config(
+        ev.cfg, user.train, candidates(has_persona=persona is not None, has_user=has_user),
+        score, ev.runtime.tokenizer, context_tokens=context_tokens)
     rows[SERVED] = on_test(served.levels)
     return rows, served.name
 
