@@ -44,7 +44,7 @@ def round_mechanisms(cfg: RunConfig, ledger: PrivacyLedger, rate: float,
         if sigma is None:
             return RoundBudget(DPSettings(True, cfg.noise_multiplier, cfg.max_grad_norm), None,
                                cfg.noise_multiplier)
-    return RoundBudget(DPSettings(True, noise_share(cfg, sigma), cfg.max_grad_norm),
+    return RoundBudget(DPSettings(True, noise_share(cfg, sigma), cfg.max_grad_norm, sigma),
                        per_round(sigma), sigma)
 
 

@@ -9,6 +9,7 @@ from shared.adapters import RELEASED_LEVELS, activate, load_level
 from shared.config import RunConfig
 from shared.lm import encode_records, per_record_loss
 from shared.personas import SELECTION_CLIP, noisy_argmin, selection_noise_std
+from shared.privacy import HistoryEntry
 from shared.records import record_to_state
 from shared.runtime import Runtime
 from shared.userdata import UserData
@@ -33,6 +34,13 @@ def choose_cluster(runtime: Runtime, clusters: list[dict], user: UserData, cfg: 
     std = selection_noise_std(sigma=cfg.selection_noise, k=len(clusters), clip=SELECTION_CLIP,
                               m=cfg.selection_records) if private else 0.0
     return noisy_argmin(losses, noise_std=std, generator=generator)
+
+
+def selection_entry(cfg: RunConfig, *, private: bool) -> HistoryEntry | None:
+    """What :func:`choose_cluster` costs: one full-batch Gaussian at ``selection-noise``
+    when private (its sensitivity is folded into :func:`selection_noise_std`), else
+    nothing (the public random start, or a run without DP)."""
+    return (cfg.selection_noise, 1.0, 1) if private else None
 
 
 def cluster_states(content: RecordDict) -> list[dict]:

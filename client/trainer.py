@@ -57,8 +57,18 @@ class DPTrainingError(RuntimeError):
 @dataclass(frozen=True)
 class DPSettings:
     enabled: bool
-    noise_multiplier: float
+    noise_multiplier: float  # what this device adds
     max_grad_norm: float
+    # the multiplier the released sum carries, when the device adds only a share of it
+    # (distributed DP); None: the one it adds
+    accounted_noise_multiplier: float | None = None
+
+    @property
+    def accounted(self) -> float:
+        """The noise multiplier the accountant charges for this mechanism."""
+        if self.accounted_noise_multiplier is None:
+            return self.noise_multiplier
+        return self.accounted_noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -66,8 +76,7 @@ class LocalResult:
     train_loss: float  # mean per-record loss over the DP steps (before each step)
     steps: int
     sample_rate: float
-    accountant_entry: HistoryEntry | None  # None without DP
-    user_loss: float
+    accountant_entry: HistoryEntry | None  # what these steps cost; None without DP
 
 
 def sample_rate(batch_size: int, num_records: int, fixed_rate: float = 0.0) -> float:
@@ -215,10 +224,9 @@ def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, 
         model.eval()
     for level in levels:
         _check_moved(before[level], level_state(model, level, scheme=scheme), level)
-    entry = (dp.noise_multiplier, rate, steps) if dp.enabled else None
+    entry = (dp.accounted, rate, steps) if dp.enabled else None
     return LocalResult(train_loss=sum(losses) / len(losses) if losses else float("nan"),
-                       steps=steps, sample_rate=rate, accountant_entry=entry,
-                       user_loss=float("nan"))
+                       steps=steps, sample_rate=rate, accountant_entry=entry)
 
 
 LOSS_CLIP = 10.0  # nats: a record's loss is clipped to [0, LOSS_CLIP] before it is summed
@@ -233,7 +241,7 @@ def private_mean_loss(model, data: EncodedRecords, *, rate: float, dp: DPSetting
     ``[0, LOSS_CLIP]`` (sensitivity ``LOSS_CLIP``), Gaussian noise of std
     ``noise_multiplier * LOSS_CLIP`` on the sum, divided by the expected batch
     size ``q n``. That is one DP-SGD-like step for the accountant:
-    ``(noise_multiplier, q, 1)``, which the caller adds to the ledger.
+    ``(noise_multiplier, q, 1)``, returned for the caller's ledger.
     Without DP it is the plain mean over a batch.
     """
     activate(model, RELEASED_LEVELS)
@@ -244,7 +252,7 @@ def private_mean_loss(model, data: EncodedRecords, *, rate: float, dp: DPSetting
     total = float(_record_losses(model, data.select(index)).clamp(0, LOSS_CLIP).sum()) \
         if len(index) else 0.0
     noise = float(torch.normal(0.0, dp.noise_multiplier * LOSS_CLIP, (1,), generator=generator))
-    return (total + noise) / (rate * len(data)), (dp.noise_multiplier, rate, 1)
+    return (total + noise) / (rate * len(data)), (dp.accounted, rate, 1)
 
 
 def _record_losses(model, data: EncodedRecords) -> torch.Tensor:

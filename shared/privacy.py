@@ -63,13 +63,23 @@ def round_entries(*, noise_multiplier: float, sample_rate: float, steps: int,
     """What one training round releases, as accountant entries: ``steps`` DP-SGD steps,
     the noisy train-loss release (one more subsampled Gaussian, possibly with more
     noise) and, with discovered personas, the private choice (a full-batch Gaussian)."""
-    if loss_noise_multiplier == noise_multiplier:
-        entries = [(noise_multiplier, sample_rate, steps + 1)]
+    return released_entries(
+        (noise_multiplier, sample_rate, steps), (loss_noise_multiplier, sample_rate, 1),
+        (selection_noise, 1.0, 1) if selection_noise > 0 else None)
+
+
+def released_entries(step: HistoryEntry | None, loss: HistoryEntry | None,
+                     selection: HistoryEntry | None = None) -> list[HistoryEntry]:
+    """One round's ledger entries from its mechanisms' own entries (``None``: it did not
+    run, or ran without DP). The loss release at the step's noise and rate is the same
+    subsampled Gaussian once more, so it is counted as one more step."""
+    entries: list[HistoryEntry] = []
+    if step is not None and loss is not None and loss[:2] == step[:2]:
+        entries.append((step[0], step[1], step[2] + loss[2]))
     else:
-        entries = [(noise_multiplier, sample_rate, steps),
-                   (loss_noise_multiplier, sample_rate, 1)]
-    if selection_noise > 0:
-        entries.append((selection_noise, 1.0, 1))
+        entries.extend(entry for entry in (step, loss) if entry is not None)
+    if selection is not None:
+        entries.append(selection)
     return entries
 
 

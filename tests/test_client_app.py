@@ -3,6 +3,7 @@ Message on the tiny model and a three-user population on disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,9 +21,10 @@ from helpers import (
     tiny_peft,
 )
 
-from client import client_app
+from client import round as device_round
 from client.client_app import evaluate, query, train
 from client.store import DeviceStore
+from client.trainer import DPTrainingError
 from server.strategy import sent_part
 from shared.adapters import level_state
 from shared.config import ConfigError
@@ -227,8 +229,8 @@ def test_the_user_adapter_is_fitted_under_the_received_levels_not_the_devices_ow
                       KEY_PERSONA: level_state(model, "persona")})
         return real(model, *args, **kwargs)
 
-    real = client_app.train_user_checked
-    monkeypatch.setattr(client_app, "train_user_checked", spy)
+    real = device_round.train_user_checked
+    monkeypatch.setattr(device_round, "train_user_checked", spy)
 
     # Act
     reply = train(msg, node_context(0))
@@ -256,8 +258,8 @@ def test_the_released_step_shrinks_with_the_rounds_noise(tmp_path, monkeypatch,
         used.append(kwargs["lr"])
         return real(*args, **kwargs)
 
-    real = client_app.train_released
-    monkeypatch.setattr(client_app, "train_released", spy)
+    real = device_round.train_released
+    monkeypatch.setattr(device_round, "train_released", spy)
 
     # Act
     reply = _train(cfg)
@@ -370,3 +372,57 @@ def test_no_final_fit_when_user_final_steps_is_zero(tmp_path):
     evaluate(_final_message(cfg, initial_server_state(cfg)), node_context(0))
 
     assert DeviceStore(_user_dir(cfg), cfg.federation_key).load_user_adapter() is None
+
+
+# -- what runs is what is counted ----------------------------------------------------------
+
+def test_the_ledger_records_the_entries_the_mechanisms_returned(tmp_path, monkeypatch):
+    # Arrange: spies on the two mechanisms of a declared-persona round
+    cfg = small_config(tmp_path, **FIXED_NOISE)
+    returned = []
+
+    def spy_steps(*args, **kwargs):
+        result = real_steps(*args, **kwargs)
+        returned.append(result.accountant_entry)
+        return result
+
+    def spy_loss(*args, **kwargs):
+        value, entry = real_loss(*args, **kwargs)
+        returned.append(entry)
+        return value, entry
+
+    real_steps, real_loss = device_round.train_released, device_round.private_mean_loss
+    monkeypatch.setattr(device_round, "train_released", spy_steps)
+    monkeypatch.setattr(device_round, "private_mean_loss", spy_loss)
+
+    # Act
+    _train(cfg)
+
+    # Assert: the ledger holds what the two mechanisms returned (here at the same noise
+    # and rate, so composed as one more step), and nothing else
+    ledger = DeviceStore(_user_dir(cfg), cfg.federation_key).load_ledger(
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+        accountant=cfg.accountant)
+    sigma, rate, steps = returned[0]
+    assert returned[1] == (sigma, rate, 1)
+    assert [tuple(entry) for entry in ledger.history] == [(sigma, rate, steps + 1)]
+
+
+def test_a_mechanism_that_ran_other_than_planned_releases_nothing(tmp_path, monkeypatch):
+    # Arrange: DP-SGD that reports one step more than the budget planned for
+    cfg = small_config(tmp_path, **FIXED_NOISE)
+
+    def over_stepping(*args, **kwargs):
+        result = real(*args, **kwargs)
+        sigma, rate, steps = result.accountant_entry
+        return dataclasses.replace(result, accountant_entry=(sigma, rate, steps + 1))
+
+    real = device_round.train_released
+    monkeypatch.setattr(device_round, "train_released", over_stepping)
+
+    # Act / Assert: refused before the ledger or any reply is written
+    with pytest.raises(DPTrainingError, match="budget planned"):
+        _train(cfg)
+    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    assert store.ledger_json() is None
+    assert store.load_user_adapter() is None

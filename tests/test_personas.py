@@ -1,5 +1,5 @@
 """Persona discovery (shared.personas), the IFCA assignment step on the device
-(client.client_app.choose_cluster and the train handler in discovered mode), and the
+(client.discovery.choose_cluster and the train handler in discovered mode), and the
 server's side of it (initial_personas, discovery_report, chosen_persona)."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.client_app import choose_cluster, train
+from client.client_app import train
+from client.discovery import choose_cluster
 from client.store import DeviceStore
 from client.trainer import sample_rate
 from server.checkpoint import ServerState

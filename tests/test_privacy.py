@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from shared.privacy import PRV_EPS_ERROR, PrivacyLedger, calibrate_noise, epsilon, round_entries
+from shared.privacy import (
+    PRV_EPS_ERROR,
+    PrivacyLedger,
+    calibrate_noise,
+    epsilon,
+    released_entries,
+    round_entries,
+)
 
 DELTA = 1e-5
 
@@ -208,6 +215,16 @@ def test_round_entries_merge_the_loss_release_when_it_has_the_same_noise():
 
     assert same == [(1.2, 1.0, 2)]
     assert apart == [(1.2, 1.0, 1), (8.0, 1.0, 1), (1.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize(("step", "loss", "selection", "expected"), [
+    ((1.2, 0.5, 3), (1.2, 0.5, 1), None, [(1.2, 0.5, 4)]),  # same mechanism: one more step
+    ((1.2, 0.5, 3), (4.8, 0.5, 1), None, [(1.2, 0.5, 3), (4.8, 0.5, 1)]),
+    ((1.2, 0.5, 3), (1.2, 0.25, 1), (1.0, 1.0, 1), [(1.2, 0.5, 3), (1.2, 0.25, 1), (1.0, 1.0, 1)]),
+    (None, None, None, []),  # no DP: nothing to account
+])
+def test_released_entries_compose_what_the_mechanisms_returned(step, loss, selection, expected):
+    assert released_entries(step, loss, selection) == expected
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

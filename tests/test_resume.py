@@ -26,6 +26,7 @@ from helpers import (
 )
 
 from client import client_app
+from client import round as device_round
 from client.client_app import train
 from client.replay import ReplayError, content_digest, unpack
 from client.store import STATE_DIR, DeviceStore, device_secret
@@ -218,7 +219,7 @@ def test_a_kill_after_the_ledger_is_saved_leaves_the_spend_recorded(tmp_path, mo
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(client_app, "state_to_record", killed)
+    monkeypatch.setattr(device_round, "state_to_record", killed)
 
     # Act
     with pytest.raises(KeyboardInterrupt):

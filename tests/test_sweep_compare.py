@@ -146,7 +146,7 @@ def test_calibration_under_discovered_personas_leaves_room_for_the_private_choic
     # Act
     tuned = calibrated_config(cfg, 8.0)
 
-    # Assert: replay the smallest user's ledger as client_app.train would
+    # Assert: replay the smallest user's ledger as client.round.train_round would
     ledger = PrivacyLedger(target_epsilon=8.0, target_delta=cfg.target_delta)
     dp_sgd = (tuned.noise_multiplier, cfg.batch_size / 20, cfg.local_steps + 1)
     afforded = 0
