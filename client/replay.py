@@ -38,6 +38,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.torch import save
 
+from shared.config import RunConfig
 from shared.wire import KEY_CONFIG
 
 FORMAT = "fedpersona-replay-1"
@@ -59,18 +60,13 @@ class Replay:
 # an input of the training (the mod masks the handler's reply after it is computed).
 SECAGG_RECORD = "secaggplus_configs"
 
-# Run settings that do not enter what a device computes for a train reply: where the
-# run lives, which users a simulation runs, what the server does with the replies, and
-# the user adapter (trained after the reply is final, inactive in everything released).
-# Two instructions that differ only in these get the same output from the same draws;
-# so runs that compare user-adapter settings release identical shared adapters.
-NOT_TRAINING_INPUTS = frozenset({
-    "user-steps", "user-final-steps", "user-learning-rate", "user-holdout-fraction",
-    "run-dir", "data-dir", "max-users", "cold-start-plays", "cold-start-fraction",
-    "num-rounds", "clients-per-round", "min-clients", "round-timeout", "eval-max-records",
-    "fault-fraction", "fault-kinds", "server-optimizer", "server-learning-rate",
-    "max-update-norm", "aggregation", "trim-fraction", "clip-update-norm", "central-dp",
-    "central-noise-multiplier", "clipping-norm", "central-delta", "central-min-clients"})
+# Run settings that do not enter what a device computes for a train reply: those of the
+# sections that are no training input (shared.config.SECTIONS: where the run lives,
+# which users a simulation runs, what the server does with the replies, the user
+# adapter). Two instructions that differ only in these get the same output from the
+# same draws; so runs that compare user-adapter settings release identical shared
+# adapters. A new setting is hashed or not by its section, never by a list kept here.
+NOT_TRAINING_INPUTS = RunConfig.section_keys(training_input=False)
 
 
 def content_digest(content: RecordDict, *, config_ignore: frozenset[str] = frozenset()

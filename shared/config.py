@@ -1,5 +1,11 @@
 """The one run configuration: a frozen dataclass validated on creation.
 
+Every setting belongs to one :data:`SECTIONS` entry (model, population, training,
+privacy, server, ...) and carries its own checks (:class:`Rule`); the few rules
+that relate settings of different sections are the ``_check_*`` methods. Whether a
+setting enters the instruction digest that seeds a device's private draws follows
+from its section (:meth:`RunConfig.section_keys`), never from a hand-kept list.
+
 Flower hands the ServerApp ``context.run_config`` with kebab-case keys from
 ``[tool.flwr.app.config]`` (plus ``--run-config`` overrides); the command line
 passes ``key=value`` strings. Both become a :class:`RunConfig`, whose field
@@ -11,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,7 @@ TRANSPORT_DTYPES = ("float32", "float16")
 LOCAL_OPTIMIZERS = ("sgd", "adam")  # the released levels' optimizer on the device
 ACCOUNTANTS = ("rdp", "prv")  # shared.privacy computes both
 GRAD_SAMPLE_MODES = ("hooks", "ghost")  # Opacus per-record clipping (client.trainer)
-AGGREGATIONS = ("mean", "trimmed-mean")  # shared.robust implements them
+AGGREGATIONS = ("mean", "trimmed-mean")  # server.aggregation implements them
 FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # client.faults injects them
 
 
@@ -43,104 +49,227 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Section:
+    """A group of settings with one job. ``training_input``: its values enter what a
+    device computes for a train reply, so they are hashed into the instruction digest
+    that seeds the device's private draws (:mod:`client.replay`); the others (where the
+    run lives, which users a simulation runs, what the server does with the replies,
+    the user adapter, which is trained after the reply is final) are not, so two runs
+    that differ only in them release identical shared adapters."""
+
+    name: str
+    training_input: bool
+    doc: str
+
+
+SECTIONS: dict[str, Section] = {section.name: section for section in (
+    Section("model", True, "the frozen base model, and where and how it runs"),
+    Section("population", False, "which users a simulation runs and who is held out"),
+    Section("user-data", True, "what a user's records and declared persona are"),
+    Section("discovery", True, "discovered personas (IFCA), chosen on the device"),
+    Section("rounds", False, "how many rounds, of how many clients, waited for how long"),
+    Section("training", True, "the released levels' noisy steps on the device"),
+    Section("user-adapter", False, "the on-device user adapter, never released"),
+    Section("lora", True, "the adapters' shape"),
+    Section("privacy", True, "record-level DP on the device (Opacus) and its budget"),
+    Section("server", False, "what the server does with the replies"),
+    Section("faults", False, "fault injection in simulations"),
+    Section("central-dp", False, "user-level DP on the server's aggregates (DP-FedAvg)"),
+    Section("secagg", True, "secure aggregation (SecAgg+) and distributed DP"),
+    Section("runtime", True, "the run's seed and the adapters' dtype on the wire"),
+    Section("output", False, "where the run lives and what it measures"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One check of one setting's value: ``holds(value)``, else "``key`` ``text``, got ..."."""
+
+    holds: Callable[[Any], bool]
+    text: str
+
+
+AT_LEAST_ONE = Rule(lambda v: v >= 1, "must be >= 1")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "must be >= 0")
+FINITE_NON_NEGATIVE = Rule(lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0")
+FINITE_POSITIVE = Rule(lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0")  # not NaN
+OPEN_FRACTION = Rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
+HALF_OPEN_FRACTION = Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    return Rule(lambda v: v in choices, f"must be one of {', '.join(choices)};")
+
+
+def setting(default: Any, section: str, *rules: Rule) -> Any:
+    """A :class:`RunConfig` field in ``section``, checked by ``rules`` on creation."""
+    if section not in SECTIONS:
+        raise KeyError(section)
+    return dataclasses.field(default=default, metadata={"section": section, "rules": rules})
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     # -- base model and data ------------------------------------------------
-    model: str = "smollm2"  # "smollm2" (embedded GGUF), "tiny", or a local HF model directory
-    data_dir: str = ""  # population directory; "" = build the Shakespeare one in the cache
-    personas: str = "genre"  # "genre", "play" (declared) or "discovered:K" (IFCA)
-    min_records: int = 30  # a character needs this many speeches to be a user
-    test_fraction: float = 0.2  # the last fraction of each user's records, kept for testing
-    cold_start_plays: str = "the-tempest,macbeth"  # every character of these plays is cold-start
-    cold_start_fraction: float = 0.1  # fraction of other plays' users held out as cold-start
-    max_users: int = 24  # training users in a simulation, stratified over personas; 0 = all
-    discovery_warmup: int = 2  # discovered personas: rounds of global-only training first
-    selection_noise: float = 1.0  # noise multiplier of the private IFCA choice; 0 = not private
-    selection_records: int = 16  # records each client scores the K personas on
+    # "smollm2" (embedded GGUF), "tiny", or a local HF model directory
+    model: str = setting("smollm2", "model")
+    # population directory; "" = build the Shakespeare one in the cache
+    data_dir: str = setting("", "population")
+    personas: str = setting("genre", "user-data")  # "genre", "play" (declared) or "discovered:K"
+    min_records: int = setting(30, "user-data", AT_LEAST_ONE)  # speeches to be a user
+    # the last fraction of each user's records, kept for testing
+    test_fraction: float = setting(0.2, "user-data", OPEN_FRACTION)
+    # every character of these plays is cold-start
+    cold_start_plays: str = setting("the-tempest,macbeth", "population")
+    # fraction of other plays' users held out as cold-start
+    cold_start_fraction: float = setting(0.1, "population", HALF_OPEN_FRACTION)
+    # training users in a simulation, stratified over personas; 0 = all
+    max_users: int = setting(24, "population", NON_NEGATIVE)
+    # discovered personas: rounds of global-only training first
+    discovery_warmup: int = setting(2, "discovery", NON_NEGATIVE)
+    # noise multiplier of the private IFCA choice; 0 = not private
+    selection_noise: float = setting(1.0, "discovery", FINITE_NON_NEGATIVE)
+    selection_records: int = setting(16, "discovery", AT_LEAST_ONE)  # records each scores K on
     # -- federated rounds -----------------------------------------------------
-    num_rounds: int = 5
-    clients_per_round: int = 8
+    num_rounds: int = setting(5, "rounds", AT_LEAST_ONE)
+    clients_per_round: int = setting(8, "rounds", AT_LEAST_ONE)
     # -- local training ---------------------------------------------------------
-    local_steps: int = 1  # DP-SGD steps on the released (global + persona) adapters per round
-    user_steps: int = 6  # steps on the on-device user adapter per round (never released)
+    # DP-SGD steps on the released (global + persona) adapters per round
+    local_steps: int = setting(1, "training", AT_LEAST_ONE)
+    # steps on the on-device user adapter per round (never released)
+    user_steps: int = setting(6, "user-adapter", NON_NEGATIVE)
     # steps on the user adapter under the final shared levels, before the device serves
     # them (the final evaluation): it is fitted to what it is served with (never released)
-    user_final_steps: int = 6
-    batch_size: int = 8  # expected (Poisson) batch size
-    seq_len: int = 64
-    learning_rate: float = 3.0  # of the released levels' noisy steps (SGD: large)
+    user_final_steps: int = setting(6, "user-adapter", NON_NEGATIVE)
+    batch_size: int = setting(8, "training", AT_LEAST_ONE)  # expected (Poisson) batch size
+    seq_len: int = setting(64, "training", AT_LEAST_ONE)
+    # of the released levels' noisy steps (SGD: large)
+    learning_rate: float = setting(3.0, "training", FINITE_POSITIVE)
     # above this noise multiplier the noisy step shrinks as learning-rate x reference /
     # sigma, so the noise it adds stays that of sigma = reference (a small budget's large
     # sigma otherwise swamps the adapters); 0 = the step never shrinks
-    lr_noise_reference: float = 1.0
+    lr_noise_reference: float = setting(1.0, "training", FINITE_NON_NEGATIVE)
     # the noisy steps' optimizer: "sgd" lets the noise average out across steps and
     # clients; "adam" normalises every coordinate, noise included
-    local_optimizer: str = "sgd"
-    user_learning_rate: float = 0.002
+    local_optimizer: str = setting("sgd", "training", one_of(LOCAL_OPTIMIZERS))
+    user_learning_rate: float = setting(0.002, "user-adapter", FINITE_POSITIVE)
     # last share of a user's training records that decides, on the device, whether a
     # newly trained user adapter is kept (it must not raise their loss); 0 keeps every one
-    user_holdout_fraction: float = 0.2
+    user_holdout_fraction: float = setting(0.2, "user-adapter", HALF_OPEN_FRACTION)
     # -- LoRA -----------------------------------------------------------------------
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,v_proj"
-    lora_scheme: str = "ffa"  # "ffa": A frozen at a shared seed, only B trained and averaged
+    lora_rank: int = setting(8, "lora", AT_LEAST_ONE)
+    lora_alpha: float = setting(16.0, "lora", FINITE_POSITIVE)
+    lora_targets: str = setting("q_proj,v_proj", "lora")
+    # "ffa": A frozen at a shared seed, only B trained and averaged
+    lora_scheme: str = setting("ffa", "lora", one_of(LORA_SCHEMES))
     # -- record-level DP on the device (Opacus) -----------------------------------
-    dp: bool = True
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0
+    dp: bool = setting(True, "privacy")
+    noise_multiplier: float = setting(1.0, "privacy", FINITE_NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, "privacy", FINITE_POSITIVE)
     # Poisson rate of the DP-SGD batches; 0 = batch-size / records (the user's own rate)
-    dp_sample_rate: float = 1.0
+    dp_sample_rate: float = setting(1.0, "privacy", Rule(
+        lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (0 = batch-size / records)"))
     # rounds a device plans its budget for: each time it trains it picks the smallest
     # noise multiplier that leaves enough for the rest; 0 = noise-multiplier, fixed
-    planned_rounds: int = 2
+    planned_rounds: int = setting(2, "privacy", NON_NEGATIVE)
     # the noisy train-loss release, at least 4 x the step's sigma; 0 = the step's sigma
-    loss_noise_multiplier: float = 4.0
-    accountant: str = "prv"  # "rdp" or "prv" (tighter, sound): what the budget is enforced with
-    grad_sample_mode: str = "hooks"  # Opacus per-record clipping: "hooks" or "ghost" clipping
-    target_epsilon: float = 8.0  # per-user budget; a client refuses a round that would pass it
-    target_delta: float = 1e-5
+    loss_noise_multiplier: float = setting(4.0, "privacy", FINITE_NON_NEGATIVE)
+    # "rdp" or "prv" (tighter, sound): what the budget is enforced with
+    accountant: str = setting("prv", "privacy", one_of(ACCOUNTANTS))
+    # Opacus per-record clipping: "hooks" or "ghost" clipping
+    grad_sample_mode: str = setting("hooks", "privacy", one_of(GRAD_SAMPLE_MODES))
+    # per-user budget; a client refuses a round that would pass it (inf: no budget)
+    target_epsilon: float = setting(8.0, "privacy", Rule(lambda v: v > 0, "must be > 0"))
+    target_delta: float = setting(1e-5, "privacy", OPEN_FRACTION)
     # -- server ---------------------------------------------------------------------
-    server_optimizer: str = "fedavg"
-    server_learning_rate: float = 1.0
-    max_update_norm: float = 0.0  # reject an update whose L2 change exceeds this; 0 = no bound
-    # robust aggregation of accepted updates (shared/robust.py); see also max_update_norm
-    aggregation: str = "mean"  # "mean" (example-weighted) or "trimmed-mean" (Yin et al. 2018)
-    trim_fraction: float = 0.1  # trimmed-mean: fraction dropped at each end, per coordinate
-    clip_update_norm: float = 0.0  # scale each client's change to at most this L2 norm; 0 = off
+    server_optimizer: str = setting("fedavg", "server", one_of(SERVER_OPTIMIZERS))
+    server_learning_rate: float = setting(1.0, "server", FINITE_POSITIVE)
+    # reject an update whose L2 change exceeds this; 0 = no bound
+    max_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE)
+    # robust aggregation of accepted updates (server/aggregation); see also max_update_norm
+    # "mean" (example-weighted) or "trimmed-mean" (Yin et al. 2018)
+    aggregation: str = setting("mean", "server", one_of(AGGREGATIONS))
+    # trimmed-mean: fraction dropped at each end, per coordinate
+    trim_fraction: float = setting(0.1, "server", Rule(lambda v: 0.0 <= v < 0.5,
+                                                        "must be in [0, 0.5)"))
+    # scale each client's change to at most this L2 norm; 0 = off
+    clip_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE)
     # -- fault injection in simulations (client/faults.py) ---------------------------------
-    fault_fraction: float = 0.0  # fraction of simulated users that misbehave in training
-    fault_kinds: str = "nan,inf,shape,names,norm,crash"  # how they misbehave, in turn
-    # -- user-level DP on the server's aggregates (DP-FedAvg; shared/central_dp.py) -------
-    central_dp: bool = False
-    central_noise_multiplier: float = 1.0  # z: noise std on each aggregate's sum is z * C
-    clipping_norm: float = 0.1  # C: each client's L2 change of an adapter is clipped to this
-    central_delta: float = 1e-5  # delta of the user-level epsilons; keep it << 1 / users
-    central_min_clients: float = 2.0  # a persona expecting fewer members a round is merged
+    # fraction of simulated users that misbehave in training
+    fault_fraction: float = setting(0.0, "faults", HALF_OPEN_FRACTION)
+    fault_kinds: str = setting("nan,inf,shape,names,norm,crash", "faults")  # in turn
+    # -- user-level DP on the server's aggregates (DP-FedAvg) -----------------------------
+    central_dp: bool = setting(False, "central-dp")
+    # z: noise std on each aggregate's sum is z * C
+    central_noise_multiplier: float = setting(1.0, "central-dp", FINITE_NON_NEGATIVE)
+    # C: each client's L2 change of an adapter is clipped to this
+    clipping_norm: float = setting(0.1, "central-dp", FINITE_NON_NEGATIVE,
+                                   Rule(lambda v: v > 0, "must be > 0"))
+    # delta of the user-level epsilons; keep it << 1 / users
+    central_delta: float = setting(1e-5, "central-dp", OPEN_FRACTION)
+    # a persona expecting fewer members a round is merged
+    central_min_clients: float = setting(2.0, "central-dp", FINITE_NON_NEGATIVE)
     # -- secure aggregation (Flower's SecAgg+; server/secagg.py, client/secagg.py) --------
-    secagg: bool = False  # the server sees only sums of the clients' masked adapter changes
-    secagg_num_shares: int = 0  # shares of each client's secrets; 0 = every sampled client
-    secagg_reconstruction_threshold: int = 0  # shares that unmask; 0 = a majority of them
-    secagg_clipping_range: float = 1.0  # each coordinate of a change is clipped to +-this
-    secagg_quantization_range: int = 4194304  # 2**22 integer levels over the clipping range
-    secagg_max_weight: int = 1024  # most examples a client may weigh (a power of two: exact)
+    # the server sees only sums of the clients' masked adapter changes
+    secagg: bool = setting(False, "secagg")
+    # shares of each client's secrets; 0 = every sampled client
+    secagg_num_shares: int = setting(0, "secagg", Rule(
+        lambda v: v == 0 or (v >= 3 and v % 2 == 1), "must be 0 (all) or an odd number >= 3"))
+    # shares that unmask; 0 = a majority of them (checked against the shares below)
+    secagg_reconstruction_threshold: int = setting(0, "secagg")
+    # each coordinate of a change is clipped to +-this
+    secagg_clipping_range: float = setting(1.0, "secagg", FINITE_POSITIVE)
+    # 2**22 integer levels over the clipping range (Flower rounds into int32)
+    secagg_quantization_range: int = setting(4194304, "secagg", Rule(
+        lambda v: 2 <= v < 2**31, "must be in [2, 2**31)"))
+    # most examples a client may weigh (a power of two: exact)
+    secagg_max_weight: int = setting(1024, "secagg", AT_LEAST_ONE)
     # distributed DP under SecAgg+: each client adds noise std sigma / sqrt(t) (t: the
     # reconstruction threshold, the fewest clients whose sum can be unmasked), so the sum
     # carries the full sigma; needs one SGD step a round at a fixed dp-sample-rate
-    distributed_dp: bool = False
+    distributed_dp: bool = setting(False, "secagg")
     # -- deployment (real SuperNodes; the server holds no user data) ---------------------
-    persona_names: str = ""  # comma-separated personas; "" = the population's (simulation)
-    min_clients: int = 0  # clients to wait for before round 1; 0 = the simulation's users
-    round_timeout: float = 0.0  # seconds to wait for a round's replies; 0 = until all answer
+    # comma-separated personas; "" = the population's (simulation)
+    persona_names: str = setting("", "user-data")
+    # clients to wait for before round 1; 0 = the simulation's users
+    min_clients: int = setting(0, "rounds", NON_NEGATIVE)
+    # seconds to wait for a round's replies; 0 = until all answer
+    round_timeout: float = setting(0.0, "rounds", FINITE_NON_NEGATIVE)
     # -- runtime --------------------------------------------------------------------
-    run_dir: str = ""  # adapters, checkpoints and reports; "" = $FEDPERSONA_CACHE/runs/latest
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda"
-    dtype: str = "float32"
-    transport_dtype: str = "float32"  # adapters on the wire (both ways): "float32" or "float16"
-    eval_max_records: int = 16  # test records per user used in evaluation
-    round_eval_users: int = 8  # users evaluated after every round (the same each round); 0 = off
+    # adapters, checkpoints and reports; "" = $FEDPERSONA_CACHE/runs/latest
+    run_dir: str = setting("", "output")
+    seed: int = setting(0, "runtime", Rule(lambda v: 0 <= v < 2**31, "must be in [0, 2**31)"))
+    device: str = setting("auto", "model", one_of(("auto", "cpu", "cuda")))
+    dtype: str = setting("float32", "model", one_of(DTYPES))
+    # adapters on the wire (both ways): "float32" or "float16"
+    transport_dtype: str = setting("float32", "runtime", one_of(TRANSPORT_DTYPES))
+    # test records per user used in evaluation
+    eval_max_records: int = setting(16, "output", NON_NEGATIVE)
+    # users evaluated after every round (the same each round); 0 = off
+    round_eval_users: int = setting(8, "output", NON_NEGATIVE)
 
     def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            for rule in spec.metadata["rules"]:
+                if not rule.holds(value):
+                    raise ConfigError(f"{_kebab(spec.name)} {rule.text} got {value!r}"
+                                      if rule.text.endswith(";") else
+                                      f"{_kebab(spec.name)} {rule.text}, got {value}")
+        self._check_personas()
+        self._check_privacy()
+        self._check_central_dp()
+        self._check_robustness()
+        self._check_secagg()
+
+    @classmethod
+    def section_keys(cls, *, training_input: bool) -> frozenset[str]:
+        """The kebab-case keys of every setting whose section is (or is not) a training
+        input: what the instruction digest does (or does not) hash."""
+        return frozenset(_kebab(spec.name) for spec in dataclasses.fields(cls)
+                         if SECTIONS[spec.metadata["section"]].training_input == training_input)
+
+    def _check_personas(self) -> None:
         if self.personas.startswith(DISCOVERED_PREFIX):
             k = self.personas[len(DISCOVERED_PREFIX):]
             try:  # isdigit() alone admits "²"; int() refuses more than 4300 digits
@@ -152,94 +281,24 @@ class RunConfig:
                                   f"{self.personas!r}")
         else:
             _check_choice("personas", self.personas, PERSONA_SCHEMES)
-        _check_choice("lora-scheme", self.lora_scheme, LORA_SCHEMES)
-        _check_choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("transport-dtype", self.transport_dtype, TRANSPORT_DTYPES)
-        _check_choice("grad-sample-mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
-        _check_choice("local-optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
-        _check_choice("accountant", self.accountant, ACCOUNTANTS)
-        if not 0.0 <= self.dp_sample_rate <= 1.0:
-            raise ConfigError(f"dp-sample-rate must be in [0, 1] (0 = batch-size / records), "
-                              f"got {self.dp_sample_rate}")
-        if not (self.lr_noise_reference >= 0 and math.isfinite(self.lr_noise_reference)):
-            raise ConfigError(f"lr-noise-reference must be a finite number >= 0, got "
-                              f"{self.lr_noise_reference}")
-        if not (self.loss_noise_multiplier >= 0 and math.isfinite(self.loss_noise_multiplier)):
-            raise ConfigError(f"loss-noise-multiplier must be a finite number >= 0, got "
-                              f"{self.loss_noise_multiplier}")
-        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("min_records", "num_rounds", "clients_per_round", "batch_size",
-                     "seq_len", "lora_rank", "local_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_kebab(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_users", "user_steps", "user_final_steps", "eval_max_records",
-                     "discovery_warmup", "min_clients", "planned_rounds", "round_eval_users"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test-fraction must be in (0, 1), got {self.test_fraction}")
-        if not 0.0 <= self.user_holdout_fraction < 1.0:
-            raise ConfigError(f"user-holdout-fraction must be in [0, 1), got "
-                              f"{self.user_holdout_fraction}")
-        if not 0.0 <= self.cold_start_fraction < 1.0:
-            raise ConfigError(
-                f"cold-start-fraction must be in [0, 1), got {self.cold_start_fraction}")
-        for name in ("learning_rate", "user_learning_rate", "lora_alpha", "max_grad_norm",
-                     "server_learning_rate"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):  # also rejects NaN
-                raise ConfigError(f"{_kebab(name)} must be a finite number > 0, got {value}")
-        if not (self.round_timeout >= 0 and math.isfinite(self.round_timeout)):
-            raise ConfigError(f"round-timeout must be a finite number >= 0, got "
-                              f"{self.round_timeout}")
         if self.persona_names and self.discovered_k:
             raise ConfigError("persona-names names declared personas; discovered:K names "
                               "its own")
         if self.persona_names and len(set(self.persona_name_list)) != len(
                 self.persona_name_list):
             raise ConfigError(f"persona-names has a duplicate: {self.persona_names!r}")
-        if not (self.max_update_norm >= 0 and math.isfinite(self.max_update_norm)):
-            raise ConfigError(f"max-update-norm must be a finite number >= 0, got "
-                              f"{self.max_update_norm}")
-        if not (self.selection_noise >= 0 and math.isfinite(self.selection_noise)):
-            raise ConfigError(f"selection-noise must be a finite number >= 0, got "
-                              f"{self.selection_noise}")
-        if self.selection_records < 1:
-            raise ConfigError(f"selection-records must be >= 1, got {self.selection_records}")
-        if not self.target_epsilon > 0:  # inf is allowed: no budget
-            raise ConfigError(f"target-epsilon must be > 0, got {self.target_epsilon}")
-        if not 0 <= self.seed < 2**31:
-            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError(f"noise-multiplier must be a finite number >= 0, got "
-                              f"{self.noise_multiplier}")
-        if self.dp and self.noise_multiplier == 0:
-            raise ConfigError("noise-multiplier must be > 0 when dp is on (use dp=false for no DP)")
-        if not 0.0 < self.target_delta < 1.0:
-            raise ConfigError(f"target-delta must be in (0, 1), got {self.target_delta}")
         if not self.lora_target_modules:
             raise ConfigError("lora-targets must name at least one module")
-        self._check_central_dp()
-        self._check_robustness()
-        self._check_secagg()
+
+    def _check_privacy(self) -> None:
+        if self.dp and self.noise_multiplier == 0:
+            raise ConfigError("noise-multiplier must be > 0 when dp is on (use dp=false for no DP)")
 
     def _check_secagg(self) -> None:
         shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
-        if shares != 0 and (shares < 3 or shares % 2 == 0):
-            raise ConfigError(f"secagg-num-shares must be 0 (all) or an odd number >= 3, got "
-                              f"{shares}")
         if threshold < 0 or threshold == 1 or (shares and threshold >= shares):
             raise ConfigError(f"secagg-reconstruction-threshold must be 0 (majority) or in "
                               f"[2, secagg-num-shares), got {threshold}")
-        if not (self.secagg_clipping_range > 0 and math.isfinite(self.secagg_clipping_range)):
-            raise ConfigError(f"secagg-clipping-range must be a finite number > 0, got "
-                              f"{self.secagg_clipping_range}")
-        if not 2 <= self.secagg_quantization_range < 2**31:  # Flower rounds into int32
-            raise ConfigError(f"secagg-quantization-range must be in [2, 2**31), got "
-                              f"{self.secagg_quantization_range}")
-        if self.secagg_max_weight < 1:
-            raise ConfigError(f"secagg-max-weight must be >= 1, got {self.secagg_max_weight}")
         if not self.secagg:
             if self.distributed_dp:
                 raise ConfigError("distributed-dp needs secagg = true: without secure "
@@ -277,34 +336,18 @@ class RunConfig:
             raise ConfigError(f"distributed-dp needs {', '.join(missing)}")
 
     def _check_robustness(self) -> None:
-        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if not (self.clip_update_norm >= 0 and math.isfinite(self.clip_update_norm)):
-            raise ConfigError(f"clip-update-norm must be a finite number >= 0, got "
-                              f"{self.clip_update_norm}")
         robust = self.aggregation != "mean" or self.clip_update_norm > 0
         for on, name in ((self.central_dp, "central-dp"), (self.secagg, "secagg")):
             if robust and on:  # both replace the per-client mean that these transform
                 raise ConfigError(f"aggregation = {self.aggregation} / clip-update-norm = "
                                   f"{self.clip_update_norm:g} need the server to see each "
                                   f"update; {name} aggregates them its own way")
-        if not 0.0 <= self.fault_fraction < 1.0:
-            raise ConfigError(f"fault-fraction must be in [0, 1), got {self.fault_fraction}")
         unknown = [k for k in self.fault_kind_list if k not in FAULT_KINDS]
         if unknown or not self.fault_kind_list:
             raise ConfigError(f"fault-kinds must name some of {', '.join(FAULT_KINDS)}; got "
                               f"{self.fault_kinds!r}")
 
     def _check_central_dp(self) -> None:
-        for name in ("central_noise_multiplier", "clipping_norm", "central_min_clients"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{_kebab(name)} must be a finite number >= 0, got {value}")
-        if not self.clipping_norm > 0:
-            raise ConfigError(f"clipping-norm must be > 0, got {self.clipping_norm}")
-        if not 0.0 < self.central_delta < 1.0:
-            raise ConfigError(f"central-delta must be in (0, 1), got {self.central_delta}")
         if not self.central_dp:
             return
         if self.central_noise_multiplier == 0:

@@ -6,13 +6,20 @@ node's ``partition-id`` names the same user on both sides.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
 from shared.config import RunConfig, expand_path
 from shared.model import cache_root
 from shared.shakespeare import ensure_population, settings_from_config
-from shared.userdata import ROLE_TRAIN, Population, PopulationEntry, load_population
+from shared.userdata import (
+    MANIFEST_FILE,
+    ROLE_TRAIN,
+    Population,
+    PopulationEntry,
+    load_population,
+)
 
 
 def population_dir(cfg: RunConfig) -> Path:
@@ -47,4 +54,16 @@ def training_users(population: Population, cfg: RunConfig) -> tuple[PopulationEn
 
 
 def load_run_population(cfg: RunConfig) -> Population:
-    return load_population(population_dir(cfg))
+    """The run's population, read once per manifest version: a simulated node's handler
+    and each of its client mods ask for it with every message."""
+    root = population_dir(cfg)
+    try:
+        stamp = (root / MANIFEST_FILE).stat().st_mtime_ns
+    except OSError:
+        return load_population(root)  # which names what is missing
+    return _load_population_version(root, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_population_version(root: Path, stamp: int) -> Population:
+    return load_population(root)

@@ -8,6 +8,9 @@ and ``metrics`` (numbers only: counts, losses, epsilon, the persona index).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from flwr.app import ConfigRecord
 
 from shared.config import RunConfig
@@ -49,7 +52,17 @@ def run_config_record(cfg: RunConfig) -> ConfigRecord:
 
 
 def read_run_config(record: ConfigRecord) -> RunConfig:
-    return RunConfig.from_mapping(dict(record))
+    """The run settings a message carries, parsed and validated once per distinct record
+    (the handler and each client mod read the same one)."""
+    try:
+        return _parse_settings(tuple(sorted(record.items())))
+    except TypeError:  # an unhashable (list) value: from_mapping names it
+        return RunConfig.from_mapping(dict(record))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_settings(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
 
 
 def round_record(server_round: int, persona_names: tuple[str, ...], *,

@@ -289,3 +289,44 @@ def test_seed_out_of_range_is_rejected(seed):
 
 def test_infinite_budget_means_no_budget():
     assert RunConfig(target_epsilon=float("inf")).target_epsilon == float("inf")
+
+
+# -- sections ---------------------------------------------------------------------------
+
+def test_every_setting_belongs_to_a_known_section():
+    from shared.config import SECTIONS
+
+    sections = {spec.name: spec.metadata.get("section") for spec in dataclasses.fields(RunConfig)}
+
+    assert set(sections.values()) <= set(SECTIONS)
+    assert None not in sections.values()
+    assert set(SECTIONS) <= set(sections.values())  # no section left empty
+
+
+def test_training_and_other_keys_partition_the_settings():
+    training = RunConfig.section_keys(training_input=True)
+    other = RunConfig.section_keys(training_input=False)
+
+    assert training.isdisjoint(other)
+    assert training | other == set(RunConfig().to_flower())
+    # what a device computes with is hashed; where the run lives and what the server does
+    # with the replies are not
+    assert {"lora-rank", "noise-multiplier", "learning-rate", "seed", "model"} <= training
+    assert {"run-dir", "num-rounds", "server-learning-rate", "user-steps",
+            "round-eval-users"} <= other
+
+
+def test_the_instruction_digest_follows_the_sections():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from client.replay import NOT_TRAINING_INPUTS, content_digest
+
+    def digest(cfg):
+        return content_digest(RecordDict({"config": ConfigRecord(cfg.to_flower())}),
+                              config_ignore=NOT_TRAINING_INPUTS)
+
+    base = RunConfig()
+    assert digest(base.replace(round_eval_users=0)) == digest(base)
+    assert digest(base.replace(server_learning_rate=0.5)) == digest(base)
+    assert digest(base.replace(lora_rank=4)) != digest(base)
+    assert digest(base.replace(secagg_max_weight=512)) != digest(base)
