@@ -28,10 +28,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from server.aggregation import CentralLedger, FedAdamState, State
 from shared.adapters import load_adapter_state, save_adapter
-from shared.aggregation import FedAdamState, State
 from shared.atomic import replace_dir, write_text_atomic
-from shared.central_dp import CentralLedger
 
 KEEP_SNAPSHOTS = 2
 

@@ -7,7 +7,9 @@ TRAIN messages; in the third, each client receives the usual round content, trai
 and uploads a masked vector laid out by :mod:`shared.secagg` (global change, then
 one slot per persona, filled only in the client's own). Unmasking yields the
 example-weighted mean change of the global adapter and each slot's weighted sum,
-which becomes each persona's mean over its members. Nothing of the cryptography is
+which becomes each persona's mean change over its members: SecAgg+ is one way to
+compute the round's sum, and its mean changes take the same step as every other path
+(:func:`server.strategy.apply_changes`). Nothing of the cryptography is
 ours: key agreement, Shamir sharing, masking and dropout recovery are Flower's
 (``flwr/server/workflow/secure_aggregation/secaggplus_workflow.py`` and
 ``flwr/client/mod/secure_aggregation/secaggplus_mod.py``).
@@ -69,9 +71,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from server.checkpoint import ServerState
-from server.strategy import apply_round, sent_part
-from shared.aggregation import ClientUpdate
+from server.aggregation import GLOBAL, Changes, ClientUpdate, level_name
 from shared.config import RunConfig
 from shared.secagg import (
     MODULUS_RANGE,
@@ -83,10 +83,6 @@ from shared.secagg import (
 from shared.validation import UpdateRejected
 from shared.wire import KEY_CONFIG, KEY_METRICS, KEY_ROUND
 
-# Callables shown every reply the server receives during secure aggregation, as
-# ``(stage, reply)``: tests use it to check what the server held.
-reply_observers: list[Callable[[str, Message], None]] = []
-
 FITRES_METRICS = "fitres.metrics"
 FITRES_WEIGHT = "fitres.num_examples"
 
@@ -96,21 +92,26 @@ class SecureRound:
 
     :meth:`run` replaces ``grid.send_and_receive`` and returns one reply per client
     that carries only its metrics (or an error); :meth:`parse` replaces
-    ``parse_reply`` (no tensors: the update's weight and persona only); :meth:`apply`
-    replaces ``apply_round`` with the unmasked means; :meth:`history` adds what the
-    round cost to the round's history entry.
+    ``parse_reply`` (no tensors: the update's weight and persona only);
+    :meth:`mean_changes` replaces ``round_changes`` with the unmasked mean changes;
+    :meth:`history` adds what the round cost to the round's history entry. ``observe``,
+    when given, is shown every reply the server receives during the protocol as
+    ``(stage, reply)`` (tests check with it what the server held).
     """
 
     def __init__(self, grid, cfg: RunConfig, personas: tuple[str, ...],
                  expected: dict[str, tuple[int, ...]], *, server_round: int,
-                 persona_of: Callable[[int], str | None], discovering: bool) -> None:
+                 persona_of: Callable[[int], str | None], discovering: bool,
+                 observe: Callable[[str, Message], None] | None = None) -> None:
         self.grid, self.cfg, self.personas, self.expected = grid, cfg, personas, expected
         self.server_round, self.persona_of, self.discovering = (server_round, persona_of,
                                                                 discovering)
+        self.observe = observe
         self.members: dict[int, tuple[int, int]] = {}  # node -> (slot, examples) summed
-        self.mean: list[np.ndarray] | None = None
+        self.mean: list[np.ndarray] | None = None  # the unmasked vector (shared.secagg)
         self.stages: dict[str, dict] = {}
         self.shares = self.threshold = 0
+        self.seconds = 0.0
         self.failure = ""
         # node -> epsilon its device reported in a halted round: it trained and spent
         # although nothing was summed, and the report must not understate that
@@ -217,12 +218,12 @@ class SecureRound:
         return ClientUpdate(global_state={}, persona=persona or "", persona_state={},
                             num_examples=int(metrics["num-examples"])), metrics
 
-    def apply(self, state: ServerState, updates: Sequence[ClientUpdate],
-              cfg: RunConfig) -> None:
-        """Step ``state`` to the unmasked means: the round's aggregation, as apply_round
-        would do it from the individual updates."""
+    def mean_changes(self, updates: Sequence[ClientUpdate]) -> Changes:
+        """The round's mean change of each level, from the unmasked vector: global's over
+        every summed client, each slot's weighted sum over its members' weight. Empty
+        when nothing was summed."""
         if self.mean is None or not self.members:
-            return
+            return {}
         summed = sorted((self._persona_name(slot), n) for slot, n in self.members.values())
         accepted = sorted((u.persona, u.num_examples) for u in updates)
         if accepted != summed:  # the loop and the protocol must agree on who counted
@@ -230,20 +231,12 @@ class SecureRound:
         global_change, slots = unpack(self.mean, self.expected, len(self.personas))
         weights = self._weights()
         total = sum(weights.values())
-        global_mean = _plus(sent_part(state.global_state, cfg.lora_scheme, cfg.transport_dtype),
-                            global_change, 1.0)
-        groups = []  # one pseudo-update per group, whose states are the group's means
-        for slot, examples in self._examples().items():
-            persona = self._persona_name(slot)
-            persona_mean = {} if slot < 0 else _plus(
-                sent_part(state.persona_states[persona], cfg.lora_scheme, cfg.transport_dtype),
-                slots[slot],
-                total / weights[slot])
-            groups.append(ClientUpdate(global_state=global_mean, persona=persona,
-                                       persona_state=persona_mean, num_examples=examples))
-        self.change_norm = float(np.sqrt(sum(np.square(v).sum()
-                                             for v in global_change.values())))
-        apply_round(state, groups, cfg)
+        changes = {GLOBAL: _tensors(global_change, 1.0)}
+        for slot in sorted(weights):
+            if slot >= 0:  # sum_members q_i d_i / total; times total / q_slot: their mean
+                changes[level_name(self.personas[slot])] = _tensors(slots[slot],
+                                                                    total / weights[slot])
+        return changes
 
     def history(self) -> dict:
         """The round's secure-aggregation record (its entry in the round history)."""
@@ -253,7 +246,7 @@ class SecureRound:
             "summed": len(self.members), "clipping_range": cfg.secagg_clipping_range,
             "quantization_range": cfg.secagg_quantization_range,
             "max_weight": cfg.secagg_max_weight,
-            "seconds": round(getattr(self, "seconds", 0.0), 3),
+            "seconds": round(self.seconds, 3),
             "stages": self.stages,
             "bytes_sent": sum(s["bytes_sent"] for s in self.stages.values()),
             "bytes_received": sum(s["bytes_received"] for s in self.stages.values()),
@@ -272,7 +265,9 @@ class SecureRound:
                         vectors, weight, clipping_range=cfg.secagg_clipping_range,
                         quantization_range=cfg.secagg_quantization_range)
             entry["quantization_error_bound"] = bound
-            entry["global_change_norm"] = getattr(self, "change_norm", float("nan"))
+            global_change, _ = unpack(self.mean, self.expected, len(self.personas))
+            entry["global_change_norm"] = float(np.sqrt(sum(np.square(v).sum()
+                                                            for v in global_change.values())))
         return {"secure_aggregation": entry}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -286,12 +281,6 @@ class SecureRound:
             out[slot] = out.get(slot, 0) + quantized_weight(
                 n, max_weight=self.cfg.secagg_max_weight,
                 quantization_range=self.cfg.secagg_quantization_range)
-        return out
-
-    def _examples(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for slot, n in self.members.values():
-            out[slot] = out.get(slot, 0) + n
         return out
 
     def _fail(self, messages: Sequence[Message], reason: str) -> list[Message]:
@@ -322,9 +311,9 @@ class _ProtocolGrid:
         replies = list(self.secure.grid.send_and_receive(messages, timeout=timeout))
         seconds = time.monotonic() - started
         received = sum(_size(r) for r in replies)
-        for reply in replies:
-            for observer in reply_observers:
-                observer(stage, reply)
+        if self.secure.observe is not None:
+            for reply in replies:
+                self.secure.observe(stage, reply)
         if stage == Stage.COLLECT_MASKED_VECTORS:
             by_node = {m.metadata.dst_node_id: m for m in messages}
             replies = [self.secure.screen(by_node[r.metadata.src_node_id], r)
@@ -407,7 +396,7 @@ def _size(message: Message) -> int:
     return 0 if message.has_error() else recorddict_to_proto(message.content).ByteSize()
 
 
-def _plus(sent: dict[str, torch.Tensor], change: dict[str, np.ndarray],
-          scale: float) -> dict[str, torch.Tensor]:
-    return {k: (v.double() + scale * torch.from_numpy(np.asarray(change[k], dtype=np.float64))
-                ).to(v.dtype) for k, v in sent.items()}
+def _tensors(change: dict[str, np.ndarray], scale: float) -> dict[str, torch.Tensor]:
+    """``scale * change`` as float64 tensors."""
+    return {k: scale * torch.from_numpy(np.asarray(v, dtype=np.float64))
+            for k, v in change.items()}

@@ -14,22 +14,22 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from server.aggregation import CentralLedger, ClientUpdate, plan_levels
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.report import level_metrics, privacy_summary, user_check_summary, write_report
 from server.secagg import SecureRound
 from server.strategy import (
-    apply_round,
+    apply_changes,
     chosen_persona,
     discovery_content,
     parse_reply,
+    round_changes,
     sample_nodes,
     sent_part,
     train_content,
 )
 from shared.adapters import is_trainable_key
-from shared.aggregation import ClientUpdate
 from shared.atomic import secret_file
-from shared.central_dp import CentralLedger, plan_levels
 from shared.config import RunConfig, expand_path
 from shared.federation import load_run_population, training_users
 from shared.metrics import TokenStats
@@ -96,13 +96,15 @@ class Run:
                              self.personas, online=online)
 
 
-def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = print) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = print, *,
+               secagg_observer: Callable[[str, Message], None] | None = None) -> dict:
     """Train for ``num-rounds`` (resuming from the run directory's checkpoint), evaluate,
-    and write the report. Returns the report."""
+    and write the report. Returns the report. ``secagg_observer`` is shown every reply
+    of the SecAgg+ protocol (:class:`server.secagg.SecureRound`)."""
     started = time.monotonic()
     run = start_run(grid, cfg, progress)
     for server_round in range(run.state.round + 1, cfg.num_rounds + 1):
-        run_round(grid, run, server_round, progress)
+        run_round(grid, run, server_round, progress, secagg_observer=secagg_observer)
     return final_report(grid, run, started, progress)
 
 
@@ -176,8 +178,8 @@ class RoundReplies:
     private_choices: list[int] = field(default_factory=list)
 
 
-def run_round(grid: Grid, run: Run, server_round: int,
-              progress: Callable[[str], None]) -> None:
+def run_round(grid: Grid, run: Run, server_round: int, progress: Callable[[str], None], *,
+              secagg_observer: Callable[[str, Message], None] | None = None) -> None:
     """Sample, send, validate the replies, aggregate, checkpoint: one round."""
     cfg, state = run.cfg, run.state
     t0 = time.monotonic()
@@ -193,18 +195,19 @@ def run_round(grid: Grid, run: Run, server_round: int,
                                       server_round, all_personas=discovering),
                         dst_node_id=node, message_type=MessageType.TRAIN)
                 for node in chosen]
-    # secagg: Flower's SecAgg+ replaces send/parse/apply; the server sees only sums
+    # secagg: Flower's SecAgg+ replaces send, parse and the mean; the server sees only sums
     secure = SecureRound(grid, cfg, run.trained, run.expected, server_round=server_round,
-                         persona_of=run.persona_of, discovering=discovering) if cfg.secagg \
-        else None
+                         persona_of=run.persona_of, discovering=discovering,
+                         observe=secagg_observer) if cfg.secagg else None
     replies = (secure.run(messages) if secure else
                list(grid.send_and_receive(messages, timeout=_timeout(cfg))))
     got = collect_replies(run, replies, chosen, server_round, secure=secure,
                           discovering=discovering)
     # Aggregate in a fixed order (by user), not arrival order: float sums then
     # reproduce exactly, so a resumed run matches an uninterrupted one.
-    (secure.apply if secure else apply_round)(
-        state, [u for _, u in sorted(got.accepted, key=lambda pair: pair[0])], cfg)
+    accepted = [u for _, u in sorted(got.accepted, key=lambda pair: pair[0])]
+    changes = secure.mean_changes(accepted) if secure else round_changes(state, accepted, cfg)
+    apply_changes(state, changes, cfg)  # sent + lr * mean change, whichever path
     state.round = server_round
     seconds = round(time.monotonic() - t0, 2)
     # Measured before the checkpoint, so it is saved with the round: a server killed

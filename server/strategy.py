@@ -3,8 +3,9 @@
 Each sampled client receives the global adapter and *only its own* persona's
 adapter. Each reply is validated (record names, keys, dtype, shapes, finite
 values) before it counts; a bad reply is rejected with a reason and the round
-goes on. Aggregation is the pure :func:`shared.aggregation.hierarchical_mean`,
-then either a plain replacement (FedAvg) or a FedAdam step per adapter.
+goes on. Aggregation is the pure :mod:`server.aggregation`: each accepted update
+becomes its changes from what was sent, each level gets one mean change (the mean, the
+robust aggregate or the central-DP release), and one step applies it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Message, RecordDict
 
+from server.aggregation import (
+    GLOBAL,
+    PERSONA_PREFIX,
+    Changes,
+    ClientUpdate,
+    client_change,
+    level_name,
+    mean_changes,
+    private_changes,
+    robust_changes,
+    secret_generator,
+    step_levels,
+)
 from server.checkpoint import ServerState
 from shared.adapters import State, is_trainable_key
-from shared.aggregation import ClientUpdate, FedAdamState, fedadam_step, hierarchical_mean
-from shared.central_dp import GLOBAL, PERSONA_PREFIX, private_round, secret_generator
 from shared.config import RunConfig
 from shared.records import checked_record_to_state, record_spec, state_to_record
-from shared.robust import robust_hierarchical_mean
 from shared.validation import (
     UpdateRejected,
     check_spec,
@@ -163,68 +174,52 @@ def parse_reply(reply: Message, *, persona: str | None, expected: dict[str, tupl
                         persona_state=persona_state, num_examples=num_examples), metrics
 
 
-def apply_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig) -> None:
-    """Aggregate accepted updates into ``state`` (in place): global over all, personas
-    over members; personas with no member this round are unchanged."""
+def sent_levels(state: ServerState, cfg: RunConfig) -> dict[str, State]:
+    """Level (``global``, ``persona/<p>``) -> what the server sends of it this round."""
+    return {GLOBAL: sent_part(state.global_state, cfg.lora_scheme, cfg.transport_dtype),
+            **{level_name(p): sent_part(s, cfg.lora_scheme, cfg.transport_dtype)
+               for p, s in state.persona_states.items()}}
+
+
+def round_changes(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig,
+                  generator=None) -> Changes:
+    """The round's mean change of each level from the accepted updates: the example-
+    weighted mean, the robust aggregate, or (central DP) every planned level's noised
+    release, which is counted in the ledger here, before it leaves the server."""
+    sent = sent_levels(state, cfg)
+    changes = [client_change(u, sent) for u in updates]
     if cfg.central_dp:
-        apply_private_round(state, updates, cfg)
-        return
-    if not updates:
-        return
-    global_mean, persona_means = (robust_means(state, updates, cfg) if _robust(cfg)
-                                  else hierarchical_mean(updates))
-    state.global_state = _step(state, "global", state.global_state, global_mean, cfg)
-    for persona, mean in persona_means.items():
-        if not persona or not mean:
-            continue  # clients without a persona contribute to global only
-        state.persona_states[persona] = _step(state, f"persona/{persona}",
-                                              state.persona_states[persona], mean, cfg)
+        ledger = state.central_dp
+        if ledger is None:
+            raise RuntimeError("central-dp is on but the server state has no central-DP plan")
+        released = private_changes(changes, sent, ledger, generator or secret_generator())
+        ledger.record_release(sorted(released))
+        return released
+    if cfg.aggregation != "mean" or cfg.clip_update_norm > 0:
+        return robust_changes(changes, aggregation=cfg.aggregation,
+                              trim_fraction=cfg.trim_fraction, clip_norm=cfg.clip_update_norm)
+    return mean_changes(changes)
 
 
-def _robust(cfg: RunConfig) -> bool:
-    return cfg.aggregation != "mean" or cfg.clip_update_norm > 0
-
-
-def robust_means(state: ServerState, updates: Sequence[ClientUpdate],
-                 cfg: RunConfig) -> tuple[State, dict[str, State]]:
-    """:func:`shared.robust.robust_hierarchical_mean` of the changes from what was sent
-    (clipped to ``clip-update-norm``, then the mean or the trimmed mean)."""
-    return robust_hierarchical_mean(
-        updates, sent_part(state.global_state, cfg.lora_scheme, cfg.transport_dtype),
-        {p: sent_part(s, cfg.lora_scheme, cfg.transport_dtype)
-         for p, s in state.persona_states.items()},
-        aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
-        clip_norm=cfg.clip_update_norm)
-
-
-def _step(state: ServerState, name: str, current: State, mean: State, cfg: RunConfig) -> State:
-    sent = sent_part(current, cfg.lora_scheme, cfg.transport_dtype)
-    if cfg.server_optimizer == "fedadam":
-        new_part, state.optimizer[name] = fedadam_step(
-            sent, mean, state.optimizer.get(name, FedAdamState()), lr=cfg.server_learning_rate)
-    else:
-        new_part = {k: sent[k] + cfg.server_learning_rate * (mean[k] - sent[k]) for k in sent}
-    return {**current, **new_part}
-
-
-def apply_private_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig,
-                        generator=None) -> None:
-    """User-level DP (:mod:`shared.central_dp`): every level in ``state.central_dp`` is
-    released this round, clipped, noised and divided by its expected clients, then
-    stepped like any mean; the release is counted in the account."""
-    ledger = state.central_dp
-    if ledger is None:
-        raise RuntimeError("central-dp is on but the server state has no central-DP plan")
-    sent = {name: sent_part(state.global_state if name == GLOBAL else
-                            state.persona_states[name.removeprefix(PERSONA_PREFIX)],
-                            cfg.lora_scheme, cfg.transport_dtype)
-            for name in ledger.levels}
-    targets = private_round(sent, updates, ledger, generator or secret_generator())
-    ledger.record_release(sorted(targets))
-    for name, target in targets.items():
+def apply_changes(state: ServerState, changes: Changes, cfg: RunConfig) -> None:
+    """Step each level in ``changes`` to ``sent + lr * mean change`` (or FedAdam's step)
+    and store it in ``state``; a level without a change this round is unchanged."""
+    sent = sent_levels(state, cfg)
+    new, moments = step_levels({name: sent[name] for name in changes}, changes,
+                               state.optimizer, optimizer=cfg.server_optimizer,
+                               lr=cfg.server_learning_rate)
+    state.optimizer.update(moments)
+    for name, part in new.items():
         if name == GLOBAL:
-            state.global_state = _step(state, name, state.global_state, target, cfg)
+            state.global_state = {**state.global_state, **part}
         else:
             persona = name.removeprefix(PERSONA_PREFIX)
-            state.persona_states[persona] = _step(state, name, state.persona_states[persona],
-                                                  target, cfg)
+            state.persona_states[persona] = {**state.persona_states[persona], **part}
+
+
+def apply_round(state: ServerState, updates: Sequence[ClientUpdate], cfg: RunConfig,
+                generator=None) -> None:
+    """Aggregate accepted updates into ``state``: global over all, personas over members;
+    personas with no member this round are unchanged (under central DP, every planned
+    level is released)."""
+    apply_changes(state, round_changes(state, updates, cfg, generator), cfg)

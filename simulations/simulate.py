@@ -41,12 +41,13 @@ def resolve_config(out: Path | None, settings: list[str], *,
 
 
 def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: bool = True,
-             cold_start_k: int = 5, client_app=None) -> dict:
+             cold_start_k: int = 5, client_app=None, secagg_observer=None) -> dict:
     """Run the simulation to the end; return the report (raises what the server raised).
 
     ``final_evaluation`` adds the baselines and the cold-start evaluation
     (:mod:`simulations.evaluate`) to the report, with plots. ``client_app``
-    replaces fedpersona's ClientApp (tests pass one that misbehaves)."""
+    replaces fedpersona's ClientApp (tests pass one that misbehaves); ``secagg_observer``
+    is shown every reply of the server's SecAgg+ rounds (tests check what it held)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -72,7 +73,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     @server_app.main()
     def _main(grid, context) -> None:  # the config is ours, not the empty one Flower passes
         try:
-            outcome["report"] = run_server(grid, cfg)
+            outcome["report"] = run_server(grid, cfg, secagg_observer=secagg_observer)
         except BaseException as err:  # surfaced in the calling thread below
             outcome["error"] = err
             raise

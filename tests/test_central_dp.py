@@ -1,4 +1,5 @@
-"""User-level DP on the aggregates (shared.central_dp) and its wiring in the server."""
+"""User-level DP on the aggregates (server.aggregation.central_dp) and its wiring in the
+server."""
 
 from __future__ import annotations
 
@@ -13,20 +14,22 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace
 from helpers import initial_server_state, small_config, tiny_lora
 from opacus.accountants import RDPAccountant
 
-from server.checkpoint import load_checkpoint, save_checkpoint, states_equal
-from server.report import render_markdown
-from server.strategy import apply_round, sent_part
-from shared.aggregation import ClientUpdate
-from shared.central_dp import (
+from server.aggregation import (
     GLOBAL,
     CentralLedger,
+    ClientUpdate,
+    apply_change,
+    change,
     clip_update,
     l2_norm,
     level_name,
     plan_levels,
-    private_mean,
-    private_round,
+    private_changes,
+    private_mean_change,
 )
+from server.checkpoint import load_checkpoint, save_checkpoint, states_equal
+from server.report import render_markdown
+from server.strategy import apply_round, sent_part
 from shared.config import ConfigError, RunConfig
 
 
@@ -34,6 +37,12 @@ def _opacus_epsilon(history, delta):
     accountant = RDPAccountant()
     accountant.history = list(history)
     return accountant.get_epsilon(delta=delta)
+
+
+def _private_mean(sent: dict, states: list[dict], **kwargs) -> dict:
+    """``sent`` stepped (lr = 1) by the private mean change of ``states``."""
+    return apply_change(sent, private_mean_change([change(sent, s) for s in states], sent,
+                                                  **kwargs), lr=1.0)
 
 
 def _ledger(**changes) -> CentralLedger:
@@ -77,7 +86,7 @@ def test_noise_std_on_the_mean_is_z_c_over_m():
     sent = {"w": torch.zeros(400, 500)}  # 200k coordinates: the std is measured to ~0.3%
     generator = torch.Generator().manual_seed(0)
 
-    out = private_mean(sent, [], clipping_norm=0.5, noise_multiplier=2.0, expected_clients=4.0,
+    out = _private_mean(sent, [], clipping_norm=0.5, noise_multiplier=2.0, expected_clients=4.0,
                        generator=generator)
 
     assert out["w"].dtype == torch.float32 and out["w"].shape == (400, 500)
@@ -90,7 +99,7 @@ def test_the_denominator_is_the_expected_clients_not_the_count():
     deltas = [{"w": sent["w"] + torch.tensor([1.0, 0.0])},
               {"w": sent["w"] + torch.tensor([0.0, 1.0])}]
 
-    out = private_mean(sent, deltas, clipping_norm=10.0, noise_multiplier=0.0,
+    out = _private_mean(sent, deltas, clipping_norm=10.0, noise_multiplier=0.0,
                        expected_clients=4.0, generator=torch.Generator())
 
     assert torch.equal(out["w"], torch.tensor([1.25, 1.25]))  # sum / 4, though 2 came
@@ -100,10 +109,29 @@ def test_updates_are_clipped_before_summing():
     sent = {"w": torch.zeros(2)}
     big = {"w": torch.tensor([30.0, 40.0])}  # norm 50, clipped to norm 1
 
-    out = private_mean(sent, [big, big], clipping_norm=1.0, noise_multiplier=0.0,
+    out = _private_mean(sent, [big, big], clipping_norm=1.0, noise_multiplier=0.0,
                        expected_clients=2.0, generator=torch.Generator())
 
     assert torch.allclose(out["w"], torch.tensor([0.6, 0.8]))
+
+
+def test_private_mean_change_is_the_clipped_sum_plus_pinned_noise_over_m():
+    # Arrange: [3, 4] (norm 5) clipped to C = 2.5 is [1.5, 2]; [0, 0.5] is within C
+    like = {"w": torch.zeros(2)}
+    changes = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.0, 0.5])}]
+    settings = {"clipping_norm": 2.5, "expected_clients": 4.0}
+
+    # Act
+    exact = private_mean_change(changes, like, noise_multiplier=0.0,
+                                generator=torch.Generator(), **settings)
+    noised = private_mean_change(changes, like, noise_multiplier=2.0,
+                                 generator=torch.Generator().manual_seed(5), **settings)
+
+    # Assert: (1.5 + 0, 2 + 0.5) / 4; the noise is N(0, (z C)^2) / m from the generator
+    assert torch.equal(exact["w"], torch.tensor([0.375, 0.625], dtype=torch.float64))
+    noise = torch.randn(2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(noised["w"], (torch.tensor([1.5, 2.5], dtype=torch.float64)
+                                     + noise * 5.0) / 4.0)
 
 
 def test_weights_are_uniform_whatever_the_example_counts():
@@ -113,7 +141,7 @@ def test_weights_are_uniform_whatever_the_example_counts():
     updates = [ClientUpdate({"w": torch.tensor([2.0])}, "", {}, num_examples=1),
                ClientUpdate({"w": torch.tensor([4.0])}, "", {}, num_examples=1000)]
 
-    out = private_round(sent, updates, ledger, torch.Generator().manual_seed(0))
+    out = private_changes(updates, sent, ledger, torch.Generator().manual_seed(0))  # sent 0
 
     assert out[GLOBAL]["w"].item() == pytest.approx(3.0)  # not (2 + 4000) / 1001
 
@@ -123,7 +151,7 @@ def test_every_released_level_is_released_without_members_and_merged_ones_never(
     sent = {GLOBAL: {"w": torch.zeros(3)}, level_name("a"): {"w": torch.zeros(3)}}
     lone = ClientUpdate({"w": torch.ones(3)}, "tiny", {"w": torch.ones(3)}, num_examples=5)
 
-    out = private_round(sent, [lone], ledger, torch.Generator().manual_seed(3))
+    out = private_changes([lone], sent, ledger, torch.Generator().manual_seed(3))  # sent 0
 
     assert set(out) == {GLOBAL, level_name("a")}
     assert not torch.equal(out[level_name("a")]["w"], torch.zeros(3))  # noise, no member
@@ -134,8 +162,8 @@ def test_a_pinned_generator_gives_pinned_noise():
     sent = {"w": torch.zeros(5), "v": torch.zeros(2)}
     kwargs = {"clipping_norm": 1.0, "noise_multiplier": 1.0, "expected_clients": 2.0}
 
-    a = private_mean(sent, [], generator=torch.Generator().manual_seed(7), **kwargs)
-    b = private_mean(sent, [], generator=torch.Generator().manual_seed(7), **kwargs)
+    a = _private_mean(sent, [], generator=torch.Generator().manual_seed(7), **kwargs)
+    b = _private_mean(sent, [], generator=torch.Generator().manual_seed(7), **kwargs)
 
     assert states_equal(a, b)
 

@@ -10,6 +10,7 @@ from helpers import randomize_level, tiny_lora, tiny_peft
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
+from server.aggregation import FedAdamState
 from server.checkpoint import (
     KEEP_SNAPSHOTS,
     ServerState,
@@ -18,7 +19,6 @@ from server.checkpoint import (
     states_equal,
 )
 from shared.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFormatError
-from shared.aggregation import FedAdamState
 from shared.model import load_base_model
 
 

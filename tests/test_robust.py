@@ -1,4 +1,4 @@
-"""Robust aggregation (shared/robust.py): exact answers, the trimmed mean's range bound,
+"""Robust aggregation (server/aggregation/robust.py): exact answers, the trimmed mean's range bound,
 the clip's norm bound, its wiring into the strategy, and the settings' validation."""
 
 from __future__ import annotations
@@ -12,19 +12,31 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from server.checkpoint import ServerState
-from server.strategy import apply_round
-from shared.aggregation import ClientUpdate, weighted_mean
-from shared.config import ConfigError, RunConfig
-from shared.robust import (
+from server.aggregation import (
+    GLOBAL,
+    ClientUpdate,
+    apply_change,
+    change,
     clip_update,
+    level_name,
+    robust_changes,
     robust_hierarchical_mean,
     robust_mean,
     trimmed_count,
     trimmed_mean,
+    weighted_mean,
 )
+from server.checkpoint import ServerState
+from server.strategy import apply_round
+from shared.config import ConfigError, RunConfig
 
 KEY = "w.lora_B.weight"
+
+
+def _robust_state(sent: dict, states: list[dict], weights: list[int], **settings) -> dict:
+    """``sent`` stepped by the robust mean change of ``states`` at lr = 1."""
+    return apply_change(sent, robust_mean([change(sent, s) for s in states], weights,
+                                          **settings), lr=1.0)
 
 
 def test_clip_scales_the_whole_adapter_as_one_vector():
@@ -92,8 +104,8 @@ def test_robust_mean_without_clip_or_trim_is_the_weighted_mean():
     sent = {"w": torch.tensor([1.0, -1.0])}
     states = [{"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([4.0, 1.0])}]
 
-    out = robust_mean(sent, states, [1, 3], aggregation="mean", trim_fraction=0.1,
-                      clip_norm=0.0)
+    out = _robust_state(sent, states, [1, 3], aggregation="mean", trim_fraction=0.1,
+                        clip_norm=0.0)
 
     assert torch.allclose(out["w"], weighted_mean(states, [1, 3])["w"], atol=1e-7)
 
@@ -103,10 +115,27 @@ def test_robust_mean_clips_each_change_before_averaging():
     # changes [3, 4] (norm 5 -> [0.6, 0.8]) and [0, 0.5] (within the bound)
     states = [{"w": torch.tensor([4.0, 5.0])}, {"w": torch.tensor([1.0, 1.5])}]
 
-    out = robust_mean(sent, states, [1, 1], aggregation="mean", trim_fraction=0.1,
-                      clip_norm=1.0)
+    out = _robust_state(sent, states, [1, 1], aggregation="mean", trim_fraction=0.1,
+                        clip_norm=1.0)
 
     assert torch.allclose(out["w"], torch.tensor([1.3, 1.65]), atol=1e-6)
+
+
+def test_robust_changes_trim_each_level_and_clip_before_the_mean():
+    # five clients of persona a, changes 1 2 3 100 -50 (global) and 2x (persona)
+    changes = [ClientUpdate({"w": torch.tensor([v])}, "a", {"w": torch.tensor([2 * v])}, 1)
+               for v in (1.0, 2.0, 3.0, 100.0, -50.0)]
+
+    trimmed = robust_changes(changes, aggregation="trimmed-mean", trim_fraction=0.2,
+                             clip_norm=0.0)
+    clipped = robust_changes(changes[:2], aggregation="mean", trim_fraction=0.1,
+                             clip_norm=1.5)
+
+    assert set(trimmed) == {GLOBAL, level_name("a")}
+    assert trimmed[GLOBAL]["w"].item() == 2.0 and trimmed[level_name("a")]["w"].item() == 4.0
+    # 1 and 2 clipped to 1 and 1.5 (global); 2 and 4 to 1.5 and 1.5 (persona)
+    assert clipped[GLOBAL]["w"].item() == 1.25 and clipped[level_name("a")]["w"].item() == 1.5
+    assert robust_changes([], aggregation="mean", trim_fraction=0.1, clip_norm=0.0) == {}
 
 
 def _update(value: float, persona: str, examples: int = 10) -> ClientUpdate:
@@ -116,12 +145,11 @@ def _update(value: float, persona: str, examples: int = 10) -> ClientUpdate:
 
 
 def test_robust_hierarchical_mean_groups_by_persona_and_skips_clients_without_one():
-    zero = {KEY: torch.zeros(2, 2)}
+    # sent zero: each update's states are its changes
     updates = [_update(1.0, "a"), _update(3.0, "a"), _update(5.0, "")]
 
     global_mean, personas = robust_hierarchical_mean(
-        updates, zero, {"a": zero, "b": zero}, aggregation="mean", trim_fraction=0.1,
-        clip_norm=0.0)
+        updates, aggregation="mean", trim_fraction=0.1, clip_norm=0.0)
 
     assert torch.allclose(global_mean[KEY], torch.full((2, 2), 3.0))
     assert set(personas) == {"a"}
@@ -182,6 +210,6 @@ def test_bad_robustness_settings_are_refused_by_name(changes, message):
 
 
 def test_robust_core_does_not_import_flower():
-    code = "import sys, shared.robust; sys.exit('flwr' in sys.modules)"
+    code = "import sys, server.aggregation; sys.exit('flwr' in sys.modules)"
 
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

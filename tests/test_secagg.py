@@ -20,13 +20,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.common.serde import recorddict_to_proto
 
-import server.secagg
 from client.client_app import make_client_app
 from client.node import resolve_user
 from client.secagg import secagg_input
+from server.aggregation import ClientUpdate
 from server.checkpoint import ServerState, load_checkpoint, states_equal
 from server.strategy import apply_round, sent_part
-from shared.aggregation import ClientUpdate
 from shared.config import ConfigError, RunConfig
 from shared.records import record_to_state, state_to_record
 from shared.secagg import clip_change, error_bound, pack, quantized_weight, unpack
@@ -267,13 +266,10 @@ def test_secagg_matches_plain_aggregation_and_the_server_sees_only_masked_vector
     started = time.monotonic()
     plain = simulate(plain_cfg, final_evaluation=False, client_app=app)
     plain_seconds = time.monotonic() - started
-    server.secagg.reply_observers.append(lambda stage, reply: received.append((stage, reply)))
-    try:
-        started = time.monotonic()
-        secure = simulate(secure_cfg, final_evaluation=False, client_app=app)
-        secure_seconds = time.monotonic() - started
-    finally:
-        server.secagg.reply_observers.clear()
+    started = time.monotonic()
+    secure = simulate(secure_cfg, final_evaluation=False, client_app=app,
+                      secagg_observer=lambda stage, reply: received.append((stage, reply)))
+    secure_seconds = time.monotonic() - started
 
     persona_of = {"u1": "a", "u2": "b", "u3": "a"}  # tests.helpers.write_small_population
     plain_spy, spy = _spied(tmp_path / "plain", "run"), _spied(tmp_path / "secure", "run")
@@ -419,7 +415,7 @@ def _plain_update(entry: dict, cfg: RunConfig, corrupt=None) -> tuple[ClientUpda
 def _adam_tolerance(tol: float, opt, lr: float, beta1: float = 0.9,
                     beta2: float = 0.99, tau: float = 1e-3) -> dict[str, torch.Tensor]:
     """``tol`` on the pseudo-gradient carried through one FedAdam step
-    (``shared.aggregation.fedadam_step``): per coordinate, |d step / d delta| <=
+    (``server.aggregation.fedadam_step``): per coordinate, |d step / d delta| <=
     lr ((1 - b1) + |m| sqrt(1 - b2) / (sqrt(v) + tau)) / (sqrt(v) + tau), doubled
     for the curvature over the interval."""
     out = {}
@@ -563,12 +559,9 @@ def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_p
     app = make_client_app(_spy)
     started = time.monotonic()
     simulate(straight, final_evaluation=False, client_app=app)
-    server.secagg.reply_observers.append(_stop_in_collect(2))
-    try:
-        with pytest.raises(_Stop):
-            simulate(stopped, final_evaluation=False, client_app=app)
-    finally:
-        server.secagg.reply_observers.clear()
+    with pytest.raises(_Stop):
+        simulate(stopped, final_evaluation=False, client_app=app,
+                 secagg_observer=_stop_in_collect(2))
     assert load_checkpoint(Path(stopped.run_dir)).round == 1
     simulate(stopped, final_evaluation=False, client_app=app)
     seconds = time.monotonic() - started

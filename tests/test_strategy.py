@@ -15,15 +15,17 @@ from flwr.app import (
 )
 from helpers import instruction
 
+from server.aggregation import GLOBAL, ClientUpdate, level_name
 from server.checkpoint import ServerState
 from server.strategy import (
+    apply_changes,
     apply_round,
     parse_reply,
+    round_changes,
     sample_nodes,
     sent_part,
     train_content,
 )
-from shared.aggregation import ClientUpdate
 from shared.config import RunConfig
 from shared.validation import UpdateRejected
 from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
@@ -232,6 +234,36 @@ def test_apply_round_fedadam_keeps_moments_per_adapter():
     # first Adam step from zero moments: lr * 0.1 d / (sqrt(0.01 d^2) + tau), d = 1
     assert _value(state.global_state, B_KEY) == pytest.approx(0.1 * 0.1 / (0.1 + 1e-3))
     assert _value(state.global_state, A_KEY) == 5.0
+
+
+def test_round_changes_are_the_mean_changes_from_what_was_sent():
+    state = _server_state()  # B: global 0, a 0, b 10, c 20
+    cfg = RunConfig(model="tiny")
+    updates = [_update("a", 8.0, 4.0, 1), _update("b", 2.0, 13.0, 3)]
+
+    changes = round_changes(state, updates, cfg)
+
+    assert set(changes) == {GLOBAL, level_name("a"), level_name("b")}
+    for key in (B_KEY, B2_KEY):  # only what is sent under FFA
+        assert set(changes[GLOBAL]) == set(EXPECTED)
+        assert _value(changes[GLOBAL], key) == (1 * 8.0 + 3 * 2.0) / 4  # 3.5
+        assert _value(changes[level_name("a")], key) == 4.0
+        assert _value(changes[level_name("b")], key) == 3.0
+
+
+def test_apply_changes_steps_each_level_by_lr_times_its_change_and_leaves_the_rest():
+    state = _server_state()
+    cfg = RunConfig(model="tiny", server_learning_rate=0.5)
+    changes = {GLOBAL: _b_state(4.0), level_name("b"): _b_state(-2.0)}
+
+    apply_changes(state, changes, cfg)
+
+    assert _value(state.global_state, B_KEY) == 2.0  # 0 + 0.5 * 4
+    assert _value(state.persona_states["b"], B_KEY) == 9.0  # 10 + 0.5 * (-2)
+    assert _value(state.persona_states["a"], B_KEY) == 0.0  # no change this round
+    assert _value(state.persona_states["c"], B_KEY) == 20.0
+    assert _value(state.global_state, A_KEY) == 5.0  # FFA: A is never sent nor stepped
+    assert state.global_state[B_KEY].dtype == torch.float32
 
 
 # -- what is sent, and to whom -------------------------------------------------------------------

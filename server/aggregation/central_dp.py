@@ -2,10 +2,11 @@
 
 Each aggregate (the global adapter, and each persona adapter) is released as
 
-    target = sent + (sum_i clip(delta_i, C) + N(0, (z C)^2 I)) / m
+    mean change = (sum_i clip(delta_i, C) + N(0, (z C)^2 I)) / m
 
-where ``delta_i`` is client i's change of that adapter from what the server
-sent, ``clip`` scales it to L2 norm at most ``C`` over the whole adapter, and
+(then stepped like any mean change: ``sent + lr * mean change``), where ``delta_i``
+is client i's change of that adapter from what the server sent, ``clip`` scales it to
+L2 norm at most ``C`` over the whole adapter (:mod:`server.aggregation.clip`), and
 ``m`` is the *expected* number of clients of that aggregate per round, a
 public constant (McMahan, Ramage, Talwar & Zhang, "Learning Differentially
 Private Recurrent Language Models", ICLR 2018: the fixed-denominator
@@ -60,76 +61,63 @@ dtype). A test checks our clip against Flower's.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from server.aggregation.clip import clip_update
+from server.aggregation.mean import (
+    GLOBAL,
+    PERSONA_PREFIX,
+    Changes,
+    ClientUpdate,
+    State,
+    level_name,
+    weighted_sum,
+)
 from shared.privacy import epsilon as rdp_epsilon
 
-State = dict[str, torch.Tensor]
-GLOBAL = "global"
-PERSONA_PREFIX = "persona/"  # a persona's level name, as the FedAdam state names it
-
-
-def level_name(persona: str) -> str:
-    return PERSONA_PREFIX + persona
-
-
 # -- the mechanism --------------------------------------------------------------------------
-
-def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all tensors of ``state`` taken as one vector."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in state.values()))
-
-
-def clip_update(delta: Mapping[str, torch.Tensor], clipping_norm: float) -> State:
-    """``delta`` scaled to L2 norm at most ``clipping_norm`` (the whole adapter as one
-    vector; Flower's FlatClip). An update within the bound is returned unchanged."""
-    norm = l2_norm(delta)
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    return {k: v.double() * scale for k, v in delta.items()}
-
 
 def noise_std(*, noise_multiplier: float, clipping_norm: float, expected_clients: float) -> float:
     """Per-coordinate std of the noise on the released *mean*: ``z C / m``."""
     return noise_multiplier * clipping_norm / expected_clients
 
 
-def private_mean(sent: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]],
-                 *, clipping_norm: float, noise_multiplier: float, expected_clients: float,
-                 generator: torch.Generator) -> State:
-    """``sent`` plus the noised fixed-denominator mean of the clipped deltas.
+def private_mean_change(changes: Sequence[Mapping[str, torch.Tensor]],
+                        like: Mapping[str, torch.Tensor], *, clipping_norm: float,
+                        noise_multiplier: float, expected_clients: float,
+                        generator: torch.Generator) -> State:
+    """The noised fixed-denominator mean of the clipped changes, in float64.
 
     Parameters
     ----------
-    sent : the adapter tensors the server sent this round (key -> tensor).
-    states : the clients' returned tensors for the same keys; may be empty (the
+    changes : the clients' changes of one adapter (key -> tensor); may be empty (the
         release is then noise alone).
+    like : the adapter the server sent: the keys and shapes of the release.
     clipping_norm : ``C``, bound on each client's L2 change over all keys.
     noise_multiplier : ``z``; the noise on the sum has std ``z C`` per coordinate.
     expected_clients : ``m``, the public fixed denominator (> 0).
     generator : source of the Gaussian noise.
 
-    Returns a state with the keys, shapes and dtypes of ``sent``.
+    Returns ``(sum_i clip(change_i, C) + N(0, (z C)^2 I)) / m`` with the keys and shapes
+    of ``like``.
     """
     if not expected_clients > 0:
         raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
-    total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in sent.items()}
-    for state in states:
-        if set(state) != set(sent):
-            raise ValueError("a client's adapter has different keys from the one sent")
-        clipped = clip_update({k: state[k].double() - sent[k].double() for k in sent},
-                              clipping_norm)
-        for k in total:
-            total[k] += clipped[k]
+    if any(set(c) != set(like) for c in changes):
+        raise ValueError("a client's adapter has different keys from the one sent")
+    # uniform weights: example-weighting would let one user's weight, and so the sum's
+    # sensitivity, grow without bound
+    total = weighted_sum([clip_update(c, clipping_norm) for c in changes],
+                         [1.0] * len(changes), like=like)
     sigma = noise_multiplier * clipping_norm
     out = {}
-    for k in sorted(sent):  # a fixed order, so a pinned generator gives pinned noise
+    for k in sorted(like):  # a fixed order, so a pinned generator gives pinned noise
         noise = torch.randn(total[k].shape, generator=generator, dtype=torch.float64) * sigma
-        out[k] = (sent[k].double() + (total[k] + noise) / expected_clients).to(sent[k].dtype)
+        out[k] = (total[k] + noise) / expected_clients
     return out
 
 
@@ -286,21 +274,25 @@ def plan_levels(persona_counts: Mapping[str, int], *, population: int, clients_p
                          merged=merged)
 
 
-def private_round(sent: Mapping[str, Mapping[str, torch.Tensor]], updates: Sequence,
-                  ledger: CentralLedger, generator: torch.Generator) -> dict[str, State]:
-    """One round of every released level: ``level -> target`` (see :func:`private_mean`).
+def private_changes(changes: Sequence[ClientUpdate],
+                    like: Mapping[str, Mapping[str, torch.Tensor]], ledger: CentralLedger,
+                    generator: torch.Generator) -> Changes:
+    """One round of every released level: ``level -> mean change`` (see
+    :func:`private_mean_change`); the released levels are its keys, to be counted.
 
-    ``sent`` maps each level in ``ledger.levels`` to the tensors the server sent;
-    ``updates`` are :class:`shared.aggregation.ClientUpdate`. Global aggregates
-    every update; ``persona/<p>`` its members' persona tensors only. Every level
-    is released, with or without members. Does not touch the ledger.
+    ``changes`` are :func:`server.aggregation.mean.client_change` results; ``like`` maps
+    each level in ``ledger.levels`` to the tensors the server sent. Global aggregates every
+    change; ``persona/<p>`` its members' persona changes only. Every level is released,
+    with or without members. Does not touch the ledger.
     """
     members: dict[str, list] = {name: [] for name in ledger.levels}
-    for update in updates:
+    for update in changes:
         members[GLOBAL].append(update.global_state)
         if update.persona and level_name(update.persona) in members:
             members[level_name(update.persona)].append(update.persona_state)
-    return {name: private_mean(sent[name], members[name], clipping_norm=ledger.clipping_norm,
-                               noise_multiplier=plan.noise_multiplier,
-                               expected_clients=plan.expected_clients, generator=generator)
+    return {name: private_mean_change(members[name], like[name],
+                                      clipping_norm=ledger.clipping_norm,
+                                      noise_multiplier=plan.noise_multiplier,
+                                      expected_clients=plan.expected_clients,
+                                      generator=generator)
             for name, plan in sorted(ledger.levels.items())}
