@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from client.trainer import DPSettings
 from shared.config import RunConfig
-from shared.privacy import HistoryEntry, PrivacyLedger, calibrate_noise, round_entries
+from shared.privacy.accounting import HistoryEntry, PrivacyLedger, calibrate_noise, round_entries
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ def round_mechanisms(cfg: RunConfig, ledger: PrivacyLedger, rate: float,
                      private_choice: bool) -> RoundBudget:
     """This round's DP-SGD settings and accountant entries. With ``planned-rounds`` the
     noise multiplier is the smallest that leaves enough for the device's remaining
-    planned rounds (:func:`shared.privacy.calibrate_noise`), from public inputs only."""
+    planned rounds (:func:`shared.privacy.accounting.calibrate_noise`), from public inputs only."""
     if not cfg.dp:
         return RoundBudget(DPSettings(False, cfg.noise_multiplier, cfg.max_grad_norm), [], 0.0)
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.faults import inject_faults
+from client.mods.secagg import secagg_mod
+from client.mods.wire_log import record_wire
 from client.round import Device, evaluate_round, query_round, train_round
-from client.secagg import secagg_mod
-from client.wire_log import record_wire
 from shared.config import RunConfig
-from shared.wire import KEY_CONFIG, KEY_ROUND, read_run_config
+from shared.protocol.wire import KEY_CONFIG, KEY_ROUND, read_run_config
 
 
 def query(msg: Message, context: Context) -> Message:
@@ -43,11 +42,11 @@ def _setup(msg: Message) -> tuple[RunConfig, ConfigRecord]:
 
 def make_client_app(*extra_mods) -> ClientApp:
     """The ClientApp. The wire log is the outermost mod: it records each reply exactly as
-    it leaves; then Flower's SecAgg+ for ``secagg`` rounds (:mod:`client.secagg`), which
-    masks what the handler (and ``extra_mods``, which tests use to misbehave on purpose)
-    returns; then fault injection, a no-op unless a simulation sets ``fault-fraction``
-    (:mod:`client.faults`: always installed, as the config only arrives with messages)."""
-    client_app = ClientApp(mods=[record_wire, secagg_mod, inject_faults, *extra_mods])
+    it leaves; then Flower's SecAgg+ for ``secagg`` rounds (:mod:`client.mods.secagg`),
+    which masks what the handler and ``extra_mods`` return. A simulation adds its fault
+    injector there (:mod:`simulations.faults`); tests add mods that misbehave on purpose.
+    The device app (:data:`app`) has none."""
+    client_app = ClientApp(mods=[record_wire, secagg_mod, *extra_mods])
     client_app.query()(query)
     client_app.train()(train)
     client_app.evaluate()(evaluate)

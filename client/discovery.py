@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from flwr.app import RecordDict
 
-from shared.adapters import RELEASED_LEVELS, activate, load_level
 from shared.config import RunConfig
-from shared.lm import encode_records, per_record_loss
+from shared.data.userdata import UserData
+from shared.model.adapters import RELEASED_LEVELS, activate, load_level
+from shared.model.lm import encode_records, per_record_loss
+from shared.model.runtime import Runtime
 from shared.personas import SELECTION_CLIP, noisy_argmin, selection_noise_std
-from shared.privacy import HistoryEntry
-from shared.records import record_to_state
-from shared.runtime import Runtime
-from shared.userdata import UserData
-from shared.wire import KEY_PERSONA
+from shared.privacy.accounting import HistoryEntry
+from shared.protocol.records import record_to_state
+from shared.protocol.wire import KEY_PERSONA
 
 
 def choose_cluster(runtime: Runtime, clusters: list[dict], user: UserData, cfg: RunConfig,

@@ -11,7 +11,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from shared.config import RunConfig
-from shared.federation import load_run_population, training_users
+from shared.data.federation import load_run_population, training_users
 
 
 def resolve_user(context: Context, cfg: RunConfig) -> tuple[Path, int]:

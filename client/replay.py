@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from shared.config import RunConfig
-from shared.wire import KEY_CONFIG
+from shared.protocol.wire import KEY_CONFIG
 
 FORMAT = "fedpersona-replay-1"
 
@@ -157,7 +157,7 @@ def unpack(path: Path) -> Replay:
             expected = meta["reply-sha256"]
     except ReplayError:
         raise
-    except Exception as err:  # noqa: BLE001 - safetensors, JSON and Flower raise many types
+    except Exception as err:
         raise ReplayError(f"{path}: unreadable replay file ({type(err).__name__}: {err})") \
             from None
     if content_digest(replay.reply) != expected:

@@ -41,14 +41,14 @@ from client.trainer import (
     train_released,
     train_user_checked,
 )
-from shared.adapters import RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import RunConfig
-from shared.lm import encode_records, evaluate_stats
-from shared.privacy import released_entries
-from shared.records import record_to_state, state_to_record
-from shared.runtime import Runtime, get_runtime
-from shared.userdata import UserData, load_user
-from shared.wire import EVAL_LEVELS, KEY_FINAL, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.data.userdata import UserData, load_user
+from shared.model.adapters import RELEASED_LEVELS, activate, level_state, load_level
+from shared.model.lm import encode_records, evaluate_stats
+from shared.model.runtime import Runtime, get_runtime
+from shared.privacy.accounting import released_entries
+from shared.protocol.records import record_to_state, state_to_record
+from shared.protocol.wire import EVAL_LEVELS, KEY_FINAL, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 log = logging.getLogger("fedpersona.client")
 

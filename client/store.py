@@ -26,9 +26,9 @@ from flwr.app import RecordDict
 from peft import LoraConfig
 
 from client.replay import Replay, ReplayError, pack, states_equal, unpack
-from shared.adapters import AdapterFormatError, State, load_adapter_state, save_adapter
-from shared.atomic import secret_file, write_bytes_atomic, write_json_atomic
-from shared.privacy import PrivacyLedger
+from shared.model.adapters import AdapterFormatError, State, load_adapter_state, save_adapter
+from shared.privacy.accounting import PrivacyLedger
+from shared.util.atomic import secret_file, write_bytes_atomic, write_json_atomic
 
 STATE_DIR = ".fedpersona"
 SECRET_BYTES = 32

@@ -38,16 +38,16 @@ from opacus.utils.fast_gradient_clipping_utils import (
     GradSampleModuleFastGradientClipping,
 )
 
-from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
 from shared.config import GRAD_SAMPLE_MODES, LOCAL_OPTIMIZERS
-from shared.lm import (
+from shared.model.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
+from shared.model.lm import (
     IGNORE_INDEX,
     EncodedRecords,
     evaluate_stats,
     per_record_loss,
     split_holdout,
 )
-from shared.privacy import HistoryEntry
+from shared.privacy.accounting import HistoryEntry
 
 
 class DPTrainingError(RuntimeError):

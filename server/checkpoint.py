@@ -29,8 +29,8 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from server.aggregation import CentralLedger, FedAdamState, State
-from shared.adapters import load_adapter_state, save_adapter
-from shared.atomic import replace_dir, write_text_atomic
+from shared.model.adapters import load_adapter_state, save_adapter
+from shared.util.atomic import replace_dir, write_text_atomic
 
 KEEP_SNAPSHOTS = 2
 

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import write_json_atomic, write_text_atomic
-from shared.metrics import TokenStats, macro_summary
-from shared.tables import markdown_table
-from shared.wire import EVAL_LEVELS
+from shared.protocol.wire import EVAL_LEVELS
+from shared.util.atomic import write_json_atomic, write_text_atomic
+from shared.util.metrics import TokenStats, macro_summary
+from shared.util.tables import markdown_table
 
 
 def level_metrics(per_user_stats: Mapping[str, Mapping[str, TokenStats]]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The server sees only sums. One run of Flower's :class:`SecAggPlusWorkflow` per
 round, over all sampled clients, replaces the plain send-and-receive: its four
 stages (setup, share keys, collect masked vectors, unmask) go through our Grid as
 TRAIN messages; in the third, each client receives the usual round content, trains,
-and uploads a masked vector laid out by :mod:`shared.secagg` (global change, then
+and uploads a masked vector laid out by :mod:`shared.privacy.secagg` (global change, then
 one slot per persona, filled only in the client's own). Unmasking yields the
 example-weighted mean change of the global adapter and each slot's weighted sum,
 which becomes each persona's mean change over its members: SecAgg+ is one way to
@@ -22,7 +22,7 @@ Flower would send for our own round content (the only change to Flower's flow).
 
 What the server can no longer do: validate an individual update (shapes, finite
 values, the ``max-update-norm`` bound): it never sees one. Each client checks and
-clips its own change before masking (:mod:`client.secagg`); the server checks what
+clips its own change before masking (:mod:`client.mods.secagg`); the server checks what
 it can see in clear (example counts, the persona slot, the masked vector's layout)
 and treats a reply that fails as a dropout, which SecAgg+ removes from the sum. A
 malicious client can still add any vector within the clipping range. Other limits:
@@ -30,8 +30,8 @@ malicious client can still add any vector within the clipping range. Other limit
 * a persona with one member in a round has its sum equal to that member's change
   (membership is public), so it is protected only by the client's DP;
 * the mean is quantized: per coordinate it differs from the plain mean by less than
-  :func:`shared.secagg.error_bound`. The rounding is random but seeded on each device
-  from its secret and the instruction (:func:`client.secagg.rounding_seed`): unseeded,
+  :func:`shared.privacy.secagg.error_bound`. The rounding is random but seeded on each device
+  from its secret and the instruction (:func:`client.mods.secagg.rounding_seed`): unseeded,
   a resumed run's next instruction, and so every later DP draw, would differ from an
   uninterrupted run's; seeded, a resumed run reproduces it bit for bit;
 * upload is K + 1 adapters per client (plus Flower's keys and shares), not 2;
@@ -73,15 +73,15 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from server.aggregation import GLOBAL, Changes, ClientUpdate, level_name
 from shared.config import RunConfig
-from shared.secagg import (
+from shared.privacy.secagg import (
     MODULUS_RANGE,
     check_layout,
     error_bound,
     quantized_weight,
     unpack,
 )
-from shared.validation import UpdateRejected
-from shared.wire import KEY_CONFIG, KEY_METRICS, KEY_ROUND
+from shared.protocol.validation import UpdateRejected
+from shared.protocol.wire import KEY_CONFIG, KEY_METRICS, KEY_ROUND
 
 FITRES_METRICS = "fitres.metrics"
 FITRES_WEIGHT = "fitres.num_examples"
@@ -108,7 +108,7 @@ class SecureRound:
                                                                 discovering)
         self.observe = observe
         self.members: dict[int, tuple[int, int]] = {}  # node -> (slot, examples) summed
-        self.mean: list[np.ndarray] | None = None  # the unmasked vector (shared.secagg)
+        self.mean: list[np.ndarray] | None = None  # the unmasked vector (shared.privacy.secagg)
         self.stages: dict[str, dict] = {}
         self.shares = self.threshold = 0
         self.seconds = 0.0

@@ -28,21 +28,19 @@ from server.strategy import (
     sent_part,
     train_content,
 )
-from shared.adapters import is_trainable_key
-from shared.atomic import secret_file
 from shared.config import RunConfig, expand_path
-from shared.federation import load_run_population, training_users
-from shared.metrics import TokenStats
-from shared.model import cache_root
+from shared.data.federation import load_run_population, training_users
+from shared.model.adapters import is_trainable_key
+from shared.model.base import cache_root
+from shared.model.runtime import get_runtime
 from shared.personas import (
     adjusted_rand_index,
     cluster_names,
     contingency,
     perturbed_copies,
 )
-from shared.runtime import get_runtime
-from shared.validation import UpdateRejected, error_summary
-from shared.wire import (
+from shared.protocol.validation import UpdateRejected, error_summary
+from shared.protocol.wire import (
     EVAL_LEVELS,
     KEY_CONFIG,
     KEY_METRICS,
@@ -50,6 +48,8 @@ from shared.wire import (
     round_record,
     run_config_record,
 )
+from shared.util.atomic import secret_file
+from shared.util.metrics import TokenStats
 
 log = logging.getLogger("fedpersona.server")
 NODE_WAIT_SECONDS = 120.0

@@ -31,17 +31,17 @@ from server.aggregation import (
     step_levels,
 )
 from server.checkpoint import ServerState
-from shared.adapters import State, is_trainable_key
 from shared.config import RunConfig
-from shared.records import checked_record_to_state, record_spec, state_to_record
-from shared.validation import (
+from shared.model.adapters import State, is_trainable_key
+from shared.protocol.records import checked_record_to_state, record_spec, state_to_record
+from shared.protocol.validation import (
     UpdateRejected,
     check_spec,
     check_values,
     error_summary,
     shown_name,
 )
-from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 ALLOWED_REPLY_KEYS = {KEY_GLOBAL, KEY_PERSONA, KEY_METRICS}
 

@@ -28,10 +28,10 @@ DTYPES = ("float32", "bfloat16")
 # bfloat16 is not among them: Flower's Array goes through numpy, which has no bfloat16
 TRANSPORT_DTYPES = ("float32", "float16")
 LOCAL_OPTIMIZERS = ("sgd", "adam")  # the released levels' optimizer on the device
-ACCOUNTANTS = ("rdp", "prv")  # shared.privacy computes both
+ACCOUNTANTS = ("rdp", "prv")  # shared.privacy.accounting computes both
 GRAD_SAMPLE_MODES = ("hooks", "ghost")  # Opacus per-record clipping (client.trainer)
 AGGREGATIONS = ("mean", "trimmed-mean")  # server.aggregation implements them
-FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # client.faults injects them
+FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # simulations.faults injects them
 
 
 DISCOVERED_PREFIX = "discovered:"
@@ -194,7 +194,7 @@ class RunConfig:
                                                         "must be in [0, 0.5)"))
     # scale each client's change to at most this L2 norm; 0 = off
     clip_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE)
-    # -- fault injection in simulations (client/faults.py) ---------------------------------
+    # -- fault injection in simulations (simulations/faults.py) ---------------------------------
     # fraction of simulated users that misbehave in training
     fault_fraction: float = setting(0.0, "faults", HALF_OPEN_FRACTION)
     fault_kinds: str = setting("nan,inf,shape,names,norm,crash", "faults")  # in turn
@@ -209,7 +209,7 @@ class RunConfig:
     central_delta: float = setting(1e-5, "central-dp", OPEN_FRACTION)
     # a persona expecting fewer members a round is merged
     central_min_clients: float = setting(2.0, "central-dp", FINITE_NON_NEGATIVE)
-    # -- secure aggregation (Flower's SecAgg+; server/secagg.py, client/secagg.py) --------
+    # -- secure aggregation (Flower's SecAgg+; server/secagg.py, client/mods/secagg.py) --------
     # the server sees only sums of the clients' masked adapter changes
     secagg: bool = setting(False, "secagg")
     # shares of each client's secrets; 0 = every sampled client

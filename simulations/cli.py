@@ -22,15 +22,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     bare ValueError: one from our own code is a bug, and keeps its traceback."""
     from client.store import LedgerError
     from server.checkpoint import CheckpointError
-    from shared.adapters import AdapterFormatError
-    from shared.certs import CredentialsError
     from shared.config import ConfigError
-    from shared.model import ModelLoadError, ModelNotFoundError
-    from shared.shakespeare import CorpusNotFoundError
-    from shared.userdata import DataFormatError
-    from simulations.audit_plant import AuditSetupError
-    from simulations.deploy import DeployError
-    from simulations.evaluate import EvaluationError
+    from shared.data.shakespeare import CorpusNotFoundError
+    from shared.data.userdata import DataFormatError
+    from shared.model.adapters import AdapterFormatError
+    from shared.model.base import ModelLoadError, ModelNotFoundError
+    from simulations.audit.plant import AuditSetupError
+    from simulations.deploy.certs import CredentialsError
+    from simulations.deploy.command import DeployError
+    from simulations.run.evaluate import EvaluationError
 
     return (UserFacingError, ConfigError, DataFormatError, AdapterFormatError, LedgerError,
             CheckpointError, CredentialsError, ModelLoadError, ModelNotFoundError,
@@ -212,11 +212,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(args)
     if args.command == "simulate":
-        from simulations.simulate import run_simulation_command
+        from simulations.run.simulate import run_simulation_command
 
         return run_simulation_command(args.out, args.settings)
     if args.command == "compare":
-        from simulations.compare import run_compare_command
+        from simulations.run.compare import run_compare_command
 
         return run_compare_command(args.out, args.variants, args.settings)
     if args.command == "evaluate":
@@ -224,7 +224,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "sweep":
-        from simulations.sweep import run_sweep_command
+        from simulations.run.sweep import run_sweep_command
 
         return run_sweep_command(args.out, args.epsilons, args.settings)
     if args.command == "audit":
@@ -237,7 +237,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from simulations.bench import BENCHES, run_bench_command
+    from simulations.bench.command import BENCHES, run_bench_command
 
     names = [n for n in args.names if "=" not in n]
     settings = [n for n in args.names if "=" in n]
@@ -251,10 +251,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     import subprocess
 
-    from simulations import deploy
-
+    from simulations.deploy import command as deploy
     if args.step == "certs":
-        from shared.certs import DEFAULT_HOSTS, write_credentials
+        from simulations.deploy.certs import DEFAULT_HOSTS, write_credentials
 
         names = [n.strip() for n in args.supernodes.split(",") if n.strip()]
         paths = write_credentials(args.out, supernodes=names, hosts=args.hosts or DEFAULT_HOSTS)
@@ -301,8 +300,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from simulations.audit import AuditFailed, run_audit_command
-    from simulations.audit_plant import PlantSettings
+    from simulations.audit.command import AuditFailed, run_audit_command
+    from simulations.audit.plant import PlantSettings
 
     _check_at_least(args, one_run_canaries=0, repeated_canaries=0,
                     **({} if args.check == "plant" else {"candidates": 1}))
@@ -310,9 +309,9 @@ def _audit(args: argparse.Namespace) -> int:
                              repeated_canaries=args.repeated_canaries, copies=args.copies,
                              holdout_fraction=args.holdout_fraction)
     if args.check == "plant":
-        from simulations.audit import AUDIT_DEFAULTS
-        from simulations.audit_plant import plant
-        from simulations.simulate import resolve_config
+        from simulations.audit.command import AUDIT_DEFAULTS
+        from simulations.audit.plant import plant
+        from simulations.run.simulate import resolve_config
 
         cfg = resolve_config(None, [f"{k}={v}" for k, v in AUDIT_DEFAULTS.items()]
                              + args.settings)
@@ -349,8 +348,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         levels_table,
         served_stack_lines,
     )
-    from shared.atomic import write_json_atomic
-    from simulations.evaluate import evaluate_run
+    from shared.util.atomic import write_json_atomic
+    from simulations.run.evaluate import evaluate_run
 
     # (0 cold-start or strawman users means all of them)
     _check_at_least(args, k=0, cold_start_users=0, baseline_users=0, context_tokens=0)
@@ -372,9 +371,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from client.generate import generate_text, serve_user
+    from client.serving.generate import generate_text, serve_user
     from shared.config import ConfigError
-    from simulations.evaluate import RunEvaluator, load_run_config
+    from simulations.run.evaluate import RunEvaluator, load_run_config
 
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty: give the text to continue")
@@ -398,11 +397,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from shared.config import RunConfig, parse_overrides
-    from shared.population_summary import summarize
-    from shared.tables import markdown_table
+    from shared.data.summary import summarize
+    from shared.util.tables import markdown_table
 
     if args.source == "shakespeare":
-        from shared.shakespeare import (
+        from shared.data.shakespeare import (
             settings_from_config,
             write_shakespeare_population,
         )
@@ -411,7 +410,7 @@ def _data(args: argparse.Namespace) -> int:
         population = write_shakespeare_population(
             args.out, settings_from_config(cfg), force=args.force)
     else:
-        from shared.lamp import write_lamp_population
+        from shared.data.lamp import write_lamp_population
 
         population = write_lamp_population(args.questions, args.outputs, args.out,
                                            force=args.force)
@@ -422,7 +421,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _token_counter(spec: str):
-    from shared.model import load_tokenizer
+    from shared.model.base import load_tokenizer
 
     tokenizer = load_tokenizer(spec)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])

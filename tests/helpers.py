@@ -13,12 +13,12 @@ from peft import PeftModel
 
 from server.checkpoint import ServerState
 from server.strategy import train_content
-from shared.adapters import attach_levels, level_state, lora_config
 from shared.config import RunConfig
-from shared.model import load_base_model, tiny_tokenizer
-from shared.runtime import get_runtime
-from shared.userdata import Population, Profile, Record, UserData, write_population
-from shared.wire import KEY_CONFIG, KEY_ROUND, round_record, run_config_record
+from shared.data.userdata import Population, Profile, Record, UserData, write_population
+from shared.model.adapters import attach_levels, level_state, lora_config
+from shared.model.base import load_base_model, tiny_tokenizer
+from shared.model.runtime import get_runtime
+from shared.protocol.wire import KEY_CONFIG, KEY_ROUND, round_record, run_config_record
 
 TARGETS = ("q_proj", "v_proj")
 RANK = 4
@@ -33,8 +33,9 @@ RECORDS = (
     Record("xyz abc def"),
 )
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while the king and queen speak of "
-          "love war and fortune").split()
+_WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "the", "king",
+    "and", "queen", "speak", "of", "love", "war", "and", "fortune"]
 
 
 def tiny_peft(seed: int = 0) -> PeftModel:
@@ -128,8 +129,8 @@ def node_context(partition_id: int = 0) -> Context:
 def fit_persona(model: PeftModel, records, start: dict, *, steps: int = 10, lr: float = 0.1,
                 seq_len: int = 24) -> dict:
     """Non-private Adam steps on the persona slot (B only) from ``start``; its new state."""
-    from shared.adapters import activate, load_level
-    from shared.lm import encode_records, per_record_loss
+    from shared.model.adapters import activate, load_level
+    from shared.model.lm import encode_records, per_record_loss
 
     load_level(model, "persona", start)
     data = encode_records(records, tokenizer(), seq_len)

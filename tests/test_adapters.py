@@ -1,4 +1,4 @@
-"""The three LoRA levels (shared.adapters) and their Flower records (shared.records),
+"""The three LoRA levels (shared.model.adapters) and their Flower records (shared.protocol.records),
 on the tiny in-memory Llama."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from shared.adapters import (
+from shared.model.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LEVELS,
@@ -24,8 +24,8 @@ from shared.adapters import (
     lora_config,
     save_adapter,
 )
-from shared.model import TINY_VOCAB_SIZE, tiny_model
-from shared.records import record_spec, record_to_state, state_to_record
+from shared.model.base import TINY_VOCAB_SIZE, tiny_model
+from shared.protocol.records import record_spec, record_to_state, state_to_record
 
 RANK = 4
 TARGETS = ("q_proj", "v_proj")
@@ -398,7 +398,7 @@ def test_load_adapter_state_of_a_missing_directory(tmp_path):
 
 def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     # Arrange
-    import shared.adapters as adapters
+    import shared.model.adapters as adapters
 
     path = tmp_path / "global"
     old = {"x.lora_B.weight": torch.full((2,), 7.0)}

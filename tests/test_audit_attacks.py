@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from simulations.audit import verdict_line
-from simulations.audit_attacks import (
+from simulations.audit.attacks import (
     canary_exposure,
     membership_inference,
     one_run_audit,
 )
+from simulations.audit.command import verdict_line
 
 
 def _scores(*, leak: float, seed: int = 0, n_records: int = 200) -> dict:

@@ -9,9 +9,9 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client.client_app import make_client_app
-from shared.shakespeare import ShakespeareSettings, write_shakespeare_population
+from shared.data.shakespeare import ShakespeareSettings, write_shakespeare_population
 from simulations.cli import main
-from simulations.simulate import resolve_config, simulate
+from simulations.run.simulate import resolve_config, simulate
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from shared.audit_math import (
+from simulations.audit.stats import (
     CHANCE_EXPOSURE,
     fitted_exposure,
     guess_inclusion,

@@ -1,4 +1,4 @@
-"""The benchmark harness (simulations.bench*): paired ratios, rotation, the table, and a
+"""The benchmark harness (simulations.bench.common*): paired ratios, rotation, the table, and a
 quick end-to-end ``fedpersona bench`` on the tiny model."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import small_config, write_small_population
 
-from shared.adapters import RELEASED_LEVELS, activate
-from shared.runtime import get_runtime
-from simulations.bench import (
+from shared.model.adapters import RELEASED_LEVELS, activate
+from shared.model.runtime import get_runtime
+from simulations.bench.common import (
     Row,
     interleaved,
     judged,
@@ -21,7 +21,7 @@ from simulations.bench import (
     reset_peak_memory,
     spread,
 )
-from simulations.bench_orchestration import round_compute
+from simulations.bench.orchestration import round_compute
 
 
 def test_ratio_is_taken_per_repeat_then_summarised():
@@ -81,7 +81,7 @@ def test_round_compute_sums_train_handlers_per_round_and_worker():
 
 
 def test_bare_loop_trains_what_fedpersona_trains(tmp_path):
-    from simulations.bench_framework import bare_peft_model
+    from simulations.bench.framework import bare_peft_model
 
     cfg = small_config(tmp_path)
     _, bare_params = bare_peft_model(cfg)

@@ -8,15 +8,15 @@ from collections import Counter
 import pytest
 from helpers import small_config
 
-from shared.canaries import (
+from shared.config import ConfigError
+from shared.data.userdata import load_population, load_user
+from simulations.audit.canaries import (
     CANARY_PREFIX,
     AuditPlan,
     candidate_secrets,
     plan_audit,
 )
-from shared.config import ConfigError
-from shared.userdata import load_population, load_user
-from simulations.audit_plant import PlantSettings, load_holdout, load_plan, plant
+from simulations.audit.plant import PlantSettings, load_holdout, load_plan, plant
 
 
 def _plan(**changes):

@@ -330,7 +330,7 @@ def test_report_renders_the_user_level_section():
 
 @pytest.mark.integration
 def test_simulation_reports_per_level_epsilons(tmp_path):
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, central_dp=True, num_rounds=2, clipping_norm=1.0,
                        central_noise_multiplier=1.5, target_epsilon=100.0)

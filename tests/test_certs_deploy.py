@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import stat
+import tomllib
 
 import pytest
-import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import (
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtensionOID
 from helpers import write_small_population
 
-from shared.certs import CredentialsError, write_credentials
 from shared.config import ConfigError
-from simulations.deploy import (
+from simulations.deploy.certs import CredentialsError, write_credentials
+from simulations.deploy.command import (
     DeployError,
     app_dir,
     run_command,
@@ -140,7 +140,7 @@ def test_environment_finds_flowers_helpers_without_an_activated_virtualenv(monke
     import sys
     from pathlib import Path
 
-    from simulations.deploy import environment
+    from simulations.deploy.command import environment
 
     monkeypatch.setenv("PATH", "/usr/bin")
     env = environment()
@@ -150,7 +150,7 @@ def test_environment_finds_flowers_helpers_without_an_activated_virtualenv(monke
 
 
 def test_thread_limits_cap_openmp_and_mkl():
-    from simulations.deploy import thread_limits
+    from simulations.deploy.command import thread_limits
 
     assert thread_limits(None) == {}
     assert thread_limits(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -18,8 +18,8 @@ from server.checkpoint import (
     save_checkpoint,
     states_equal,
 )
-from shared.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFormatError
-from shared.model import load_base_model
+from shared.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFormatError
+from shared.model.base import load_base_model
 
 
 @pytest.fixture(scope="module")

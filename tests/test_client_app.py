@@ -26,12 +26,19 @@ from client.client_app import evaluate, query, train
 from client.store import DeviceStore
 from client.trainer import DPTrainingError
 from server.strategy import sent_part
-from shared.adapters import level_state
 from shared.config import ConfigError
-from shared.federation import load_run_population
-from shared.records import record_to_state
-from shared.runtime import get_runtime
-from shared.wire import EVAL_LEVELS, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA, KEY_ROUND, round_record
+from shared.data.federation import load_run_population
+from shared.model.adapters import level_state
+from shared.model.runtime import get_runtime
+from shared.protocol.records import record_to_state
+from shared.protocol.wire import (
+    EVAL_LEVELS,
+    KEY_GLOBAL,
+    KEY_METRICS,
+    KEY_PERSONA,
+    KEY_ROUND,
+    round_record,
+)
 
 
 def _user_dir(cfg, user_id: str = "u1"):

@@ -1,5 +1,5 @@
-"""The cold-start fallback (client.coldstart) and serving a user from a run's adapters
-(client.generate): each branch of the order, then loss-based choices on the tiny model in
+"""The cold-start fallback (client.serving.coldstart) and serving a user from a run's adapters
+(client.serving.generate): each branch of the order, then loss-based choices on the tiny model in
 constructed cases whose right answer is known."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import fit_persona, randomize_level, tiny_lora, tiny_peft, tokenizer
 
-from client.coldstart import (
+from client.serving.coldstart import (
     SERVED_DECLARED,
     SERVED_FITTED,
     SERVED_GLOBAL,
@@ -18,13 +18,13 @@ from client.coldstart import (
     AdapterChoice,
     choose_adapters,
 )
-from client.generate import choose_for_user, generate_text, serve_user
+from client.serving.generate import choose_for_user, generate_text, serve_user
 from client.store import DeviceStore
-from shared.adapters import activate, level_state, load_level, save_adapter
 from shared.config import RunConfig
-from shared.lm import encode_records, per_record_loss
-from shared.userdata import Profile, Record, UserData, write_user
-from simulations.evaluate import RunEvaluator
+from shared.data.userdata import Profile, Record, UserData, write_user
+from shared.model.adapters import activate, level_state, load_level, save_adapter
+from shared.model.lm import encode_records, per_record_loss
+from simulations.run.evaluate import RunEvaluator
 
 KNOWN = ("comedies", "tragedies")
 SERVED_LABELS = {SERVED_USER, SERVED_DECLARED, SERVED_FITTED, SERVED_GLOBAL}

@@ -268,9 +268,15 @@ def test_from_mapping_raises_only_config_error_for_any_text(key, value):
                        st.floats(allow_nan=True, allow_infinity=True)))
 def test_from_mapping_raises_only_config_error_for_scalars(key, value):
     try:
-        RunConfig.from_mapping({key: value})
+        cfg = RunConfig.from_mapping({key: value})
     except ConfigError:
-        pass
+        return
+    # accepted: the setting holds a value of its declared type, and it came from the input
+    field_value = getattr(cfg, key.replace("-", "_"))
+    assert type(field_value) is type(getattr(RunConfig, key.replace("-", "_")))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            not isinstance(field_value, (bool, str)):
+        assert field_value == value
 
 
 @given(value=st.floats(min_value=1e-9, max_value=1e9))

@@ -7,6 +7,7 @@ module ends; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,14 +20,14 @@ from pathlib import Path
 import pytest
 from helpers import write_small_population
 
-from client.wire_log import WIRE_LOG, read_wire_log
+from client.mods.wire_log import WIRE_LOG, read_wire_log
 from server.strategy import sent_part
-from shared.adapters import load_adapter_state
-from shared.certs import write_credentials
 from shared.config import RunConfig
-from shared.runtime import get_runtime
-from shared.wire_check import check_entries
-from simulations.deploy import run_config_argument
+from shared.model.adapters import load_adapter_state
+from shared.model.runtime import get_runtime
+from shared.protocol.wire_check import check_entries
+from simulations.deploy.certs import write_credentials
+from simulations.deploy.command import run_config_argument
 
 pytestmark = pytest.mark.integration
 
@@ -80,10 +81,8 @@ class Deployment:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         process = self.processes.pop(name)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=30)
 
     def log(self, name: str) -> str:
@@ -130,7 +129,7 @@ def _wait_for(condition, seconds: float, explain=lambda: "") -> None:
 def _config(run_dir: Path, rounds: int, *extra: str) -> tuple[RunConfig, list[str]]:
     settings = [*SETTINGS, f"num-rounds={rounds}", f"run-dir={run_dir}", *extra]
     run_config_argument(settings)  # what 'deploy run' sends must parse
-    from simulations.simulate import resolve_config
+    from simulations.run.simulate import resolve_config
 
     return resolve_config(None, settings, pyproject=Path("/nonexistent")), settings
 

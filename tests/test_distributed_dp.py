@@ -1,4 +1,4 @@
-"""Distributed DP under SecAgg+ (client.budget, client.secagg): each client adds a share
+"""Distributed DP under SecAgg+ (client.budget, client.mods.secagg): each client adds a share
 of the noise, the sum the server unmasks carries the full noise multiplier the ledgers
 account, and the ledger audit passes on a real distributed-DP simulation."""
 
@@ -13,14 +13,14 @@ import torch
 from flwr.app import RecordDict
 
 from client.budget import noise_share, round_mechanisms, slot_noise_std
-from client.secagg import secagg_input
+from client.mods.secagg import secagg_input
 from client.trainer import DPSettings, ReleasedOptimizer
-from shared.adapters import RELEASED_LEVELS, activate
 from shared.config import ConfigError, RunConfig
-from shared.privacy import PrivacyLedger
-from shared.records import state_to_record
-from shared.secagg import unpack
-from shared.wire import KEY_GLOBAL, KEY_PERSONA
+from shared.model.adapters import RELEASED_LEVELS, activate
+from shared.privacy.accounting import PrivacyLedger
+from shared.privacy.secagg import unpack
+from shared.protocol.records import state_to_record
+from shared.protocol.wire import KEY_GLOBAL, KEY_PERSONA
 from tests.helpers import small_config, tiny_peft
 
 DISTRIBUTED = dict(dp=True, secagg=True, distributed_dp=True, clients_per_round=5,
@@ -125,8 +125,8 @@ def test_slot_noise_that_the_quantizer_would_clip_is_refused(tmp_path):
 
 @pytest.mark.integration
 def test_a_distributed_dp_simulation_passes_the_ledger_audit(tmp_path):
-    from simulations.audit import ledger_check
-    from simulations.simulate import simulate
+    from simulations.audit.command import ledger_check
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, **{**DISTRIBUTED, "clients_per_round": 3,
                                     "secagg_reconstruction_threshold": 2},
@@ -144,7 +144,7 @@ def test_a_distributed_dp_simulation_passes_the_ledger_audit(tmp_path):
 
 
 def _empty_batch():
-    from shared.lm import EncodedRecords
+    from shared.model.lm import EncodedRecords
 
     empty = torch.zeros((0, 4), dtype=torch.long)
     return EncodedRecords(empty, empty, empty)

@@ -1,4 +1,4 @@
-"""The evaluation harness (simulations.evaluate) and the metrics it reports (shared.metrics):
+"""The evaluation harness (simulations.run.evaluate) and the metrics it reports (shared.util.metrics):
 hand-computed summaries, and evaluate_run on a small run directory built by hand."""
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ from server.report import (
     user_check_lines,
     user_check_summary,
 )
-from shared.adapters import level_state, save_adapter
 from shared.config import RunConfig
-from shared.metrics import TokenStats, macro_summary
-from shared.privacy import PrivacyLedger
-from shared.userdata import (
+from shared.data.userdata import (
     ROLE_COLD_CHARACTER,
     ROLE_COLD_PLAY,
     ROLE_TRAIN,
@@ -32,8 +29,11 @@ from shared.userdata import (
     load_population,
     write_population,
 )
-from simulations import evaluate as evaluation
-from simulations.evaluate import (
+from shared.model.adapters import level_state, save_adapter
+from shared.privacy.accounting import PrivacyLedger
+from shared.util.metrics import TokenStats, macro_summary
+from simulations.run import evaluate as evaluation
+from simulations.run.evaluate import (
     FULL_ONLY_ROWS,
     IN_CONTEXT_ROWS,
     LOCAL_IN_CONTEXT,
@@ -44,7 +44,7 @@ from simulations.evaluate import (
     load_run_config,
     summarize,
 )
-from simulations.simulate import finish_report
+from simulations.run.simulate import finish_report
 
 SEQ_LEN = 24
 STYLE_X = (Record("abab abab abab"), Record("ab abab ab abab")) * 3
@@ -324,7 +324,7 @@ def test_federation_gain_is_local_only_minus_the_federated_level(evaluated):
 
 
 def test_in_context_rows_score_the_same_tokens_as_the_levels(evaluated):
-    baselines, levels = evaluated["baselines"], evaluated["levels"]
+    baselines = evaluated["baselines"]
 
     for name in IN_CONTEXT_ROWS:
         for user in FAIR:

@@ -1,4 +1,4 @@
-"""Fault injection (client/faults.py): who misbehaves and how, that the server rejects
+"""Fault injection (simulations/faults.py): who misbehaves and how, that the server rejects
 each fault with a reason naming it, that robust aggregation bounds an accepted extreme
 update, and (integration) that a simulation with 20% faulty clients ends with the same
 adapters as one without them."""
@@ -22,16 +22,22 @@ from helpers import (
 )
 
 from client.client_app import make_client_app
-from client.faults import NORM_FACTOR, InjectedCrash, fault_schedule, faulty_users
 from server.checkpoint import load_checkpoint
 from server.report import render_markdown
 from server.strategy import apply_round, parse_reply, sent_part
 from shared.config import FAULT_KINDS, RunConfig
-from shared.records import record_to_state
-from shared.runtime import get_runtime
-from shared.userdata import Profile, UserData, write_population
-from shared.validation import UpdateRejected
-from shared.wire import KEY_GLOBAL
+from shared.data.userdata import Profile, UserData, write_population
+from shared.model.runtime import get_runtime
+from shared.protocol.records import record_to_state
+from shared.protocol.validation import UpdateRejected
+from shared.protocol.wire import KEY_GLOBAL
+from simulations.faults import (
+    NORM_FACTOR,
+    InjectedCrash,
+    fault_schedule,
+    faulty_users,
+    inject_faults,
+)
 
 USERS = tuple(f"u{i:02d}" for i in range(10))
 # What the server says about each kind (the integration test holds the report to it)
@@ -122,7 +128,7 @@ def test_each_malformed_fault_is_rejected_with_its_reason(five_users, tmp_path, 
     state = initial_server_state(cfg)
     user = _faulty_in(cfg)
 
-    _, reply = _train(make_client_app(), cfg, state, user)
+    _, reply = _train(make_client_app(inject_faults), cfg, state, user)
 
     with pytest.raises(UpdateRejected, match=REASONS[kind]):
         _parse(cfg, state, reply, user)
@@ -134,8 +140,8 @@ def test_an_honest_user_is_untouched_and_accepted(five_users, tmp_path):
     state = initial_server_state(faulty)
     honest = next(u for u in USERS[:5] if u != _faulty_in(faulty))
 
-    _, with_faults = _train(make_client_app(), faulty, state, honest)
-    _, without = _train(make_client_app(), clean, state, honest)
+    _, with_faults = _train(make_client_app(inject_faults), faulty, state, honest)
+    _, without = _train(make_client_app(inject_faults), clean, state, honest)
 
     update, _ = _parse(faulty, state, with_faults, honest)
     assert update is not None
@@ -150,7 +156,7 @@ def test_a_crash_reaches_the_server_as_an_error(five_users, tmp_path):
 
     with pytest.raises(Exception, match="injected crash: user u0\\d stopped mid-training "
                                         "in round 1") as caught:
-        _train(make_client_app(), cfg, state, _faulty_in(cfg))
+        _train(make_client_app(inject_faults), cfg, state, _faulty_in(cfg))
 
     assert isinstance(caught.value, InjectedCrash) or isinstance(
         caught.value.__cause__, InjectedCrash)
@@ -166,7 +172,7 @@ def test_a_real_device_ignores_fault_injection(five_users, tmp_path):
                                                                         / user)},
                      state=RecordDict(), run_config={})
 
-    _, reply = _train(make_client_app(), cfg, state, user, context=device)
+    _, reply = _train(make_client_app(inject_faults), cfg, state, user, context=device)
 
     update, _ = _parse(cfg, state, reply, user)
     assert update is not None
@@ -181,7 +187,7 @@ def norm_round(five_users, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("norm")
     cfg = _config(five_users, tmp / "run", fault_fraction=0.2, fault_kinds="norm")
     state = initial_server_state(cfg)
-    app = make_client_app()
+    app = make_client_app(inject_faults)
     replies = {u: _train(app, cfg, state, u)[1] for u in USERS[:5]}
     faulty = _faulty_in(cfg)
     sent, honest = _train(app, cfg.replace(fault_fraction=0.0), state, faulty)
@@ -270,7 +276,7 @@ def _same_devices(source: Path, target: Path, users) -> None:
     """Give ``target``'s users the device secrets of ``source``'s: they are the same devices,
     so their DP noise (seeded from the secret) is the same."""
     from client.store import STATE_DIR, device_secret
-    from shared.userdata import load_population
+    from shared.data.userdata import load_population
 
     here, there = load_population(source), load_population(target)
     for user in users:
@@ -284,7 +290,7 @@ def test_a_simulation_with_20_percent_faulty_clients_ends_as_without_them(tmp_pa
     """10 users, 2 of them faulty, every user sampled every round for 3 rounds: the two
     meet all six kinds; every one of their 6 updates is rejected with its reason; the
     final adapters equal those of a run over the 8 honest users alone."""
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     faulty = faulty_users(USERS, seed=0, fraction=0.2)
     honest = [u for u in USERS if u not in faulty]
@@ -327,7 +333,7 @@ def test_a_simulation_with_20_percent_faulty_clients_ends_as_without_them(tmp_pa
 
 
 def test_a_simulated_crash_reason_becomes_its_message_on_one_line():
-    from shared.validation import error_summary
+    from shared.protocol.validation import error_summary
 
     ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::Client"
            "AppActor.run()\x1b[39m (pid=1)\n  File \"faults.py\", line 88\n    raise\nflwr."

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.shakespeare import ShakespeareSettings, write_shakespeare_population
+from shared.data.shakespeare import ShakespeareSettings, write_shakespeare_population
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +46,9 @@ def test_flwr_run_local_simulation(tmp_path):
            os.environ.get("PATH", ""), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
     try:
-        result = subprocess.run([str(Path(venv_bin) / "flwr"), "run", ".", "local", "--stream", "--run-config",
-                                 overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run([str(Path(venv_bin) / "flwr"), "run", ".", "local", "--stream",
+                                 "--run-config", overrides], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
     finally:
         _kill_local_superlinks(flwr_home)
 

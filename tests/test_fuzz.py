@@ -63,9 +63,8 @@ from hypothesis.extra import numpy as hnp
 
 from server.checkpoint import ServerState
 from server.strategy import parse_reply
-from shared import atomic
 from shared.config import ConfigError, RunConfig
-from shared.userdata import (
+from shared.data.userdata import (
     DATA_FILE,
     MANIFEST_FILE,
     PROFILE_FILE,
@@ -79,10 +78,11 @@ from shared.userdata import (
     load_user,
     write_user,
 )
-from shared.validation import UpdateRejected, check_spec, check_values
-from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.protocol.validation import UpdateRejected, check_spec, check_values
+from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.util import atomic
 from simulations import cli
-from simulations.simulate import resolve_config
+from simulations.run.simulate import resolve_config
 
 FUZZ_EXAMPLES_CONFIG = 300
 FUZZ_EXAMPLES_OVERRIDES = 200
@@ -220,7 +220,7 @@ def test_cli_simulate_answers_bad_settings_with_one_stderr_line(pairs):
     stderr, stdout = io.StringIO(), io.StringIO()
 
     # Act: the simulation itself is replaced; only the settings path runs
-    with mock.patch("simulations.simulate.simulate", side_effect=_Accepted), \
+    with mock.patch("simulations.run.simulate.simulate", side_effect=_Accepted), \
             redirect_stderr(stderr), redirect_stdout(stdout):
         try:
             code = cli.main(["simulate", *pairs])

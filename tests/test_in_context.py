@@ -1,5 +1,5 @@
 """The in-context baselines' pure parts: the context-prefixed encoding
-(shared.lm.encode_in_context) and the bag-of-words retrieval (simulations.in_context).
+(shared.model.lm.encode_in_context) and the bag-of-words retrieval (simulations.in_context).
 The tiny tokenizer is byte-level: one token per character, bos 1, eos 2."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import pytest
 import torch
 from helpers import RECORDS, tokenizer
 
-from shared.lm import IGNORE_INDEX, encode_in_context, encode_records
-from shared.userdata import Record
-from client.in_context import (
+from client.serving.in_context import (
     bag_of_words,
     cosine,
     in_context_data,
     most_similar,
     retrieval_query,
 )
+from shared.data.userdata import Record
+from shared.model.lm import IGNORE_INDEX, encode_in_context, encode_records
 
 BOS, EOS = 1, 2
 

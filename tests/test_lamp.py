@@ -1,4 +1,4 @@
-"""LaMP files -> on-device population (shared.lamp)."""
+"""LaMP files -> on-device population (shared.data.lamp)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.lamp import lamp_user_id, load_lamp, write_lamp_population
-from shared.userdata import (
+from shared.data.lamp import lamp_user_id, load_lamp, write_lamp_population
+from shared.data.userdata import (
     DATA_FILE,
     MANIFEST_FILE,
     ROLE_TRAIN,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.ledger_audit import audit_ledger, recompute
-from shared.privacy import PrivacyLedger
+from shared.privacy.accounting import PrivacyLedger
+from simulations.audit.ledger import audit_ledger, recompute
 
 ENTRY = (1.0, 0.2, 5)
 

@@ -1,4 +1,4 @@
-"""Language-model metrics (shared.metrics)."""
+"""Language-model metrics (shared.util.metrics)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from shared.metrics import TokenStats, macro_summary
+from shared.util.metrics import TokenStats, macro_summary
 
 
 def test_perplexity_is_exp_of_mean_nll():

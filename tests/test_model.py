@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from shared.adapters import activate, attach_levels, lora_config
-from shared.model import (
+from shared.model.adapters import activate, attach_levels, lora_config
+from shared.model.base import (
     ModelNotFoundError,
     find_embedded_gguf,
     load_base_model,
@@ -89,11 +89,11 @@ def test_smollm2_loads_runs_with_lora_and_generates_known_text():
 @pytest.mark.real_model
 def test_one_dp_round_on_smollm2_moves_the_released_adapters_only():
     from client.trainer import DPSettings, train_released
-    from shared.adapters import level_state
     from shared.config import RunConfig
-    from shared.lm import encode_records
-    from shared.runtime import get_runtime
-    from shared.userdata import Record
+    from shared.data.userdata import Record
+    from shared.model.adapters import level_state
+    from shared.model.lm import encode_records
+    from shared.model.runtime import get_runtime
 
     runtime = get_runtime(RunConfig(model="smollm2", lora_rank=4, lora_alpha=8.0))
     data = encode_records([Record(f"Now is the winter of our discontent, line {i}.")

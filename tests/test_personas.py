@@ -30,8 +30,10 @@ from client.trainer import sample_rate
 from server.checkpoint import ServerState
 from server.server_app import discovery_report, initial_personas
 from server.strategy import chosen_persona, discovery_content
-from shared.adapters import level_state, load_level
 from shared.config import ConfigError, RunConfig
+from shared.data.userdata import Profile, Record, UserData, write_population
+from shared.model.adapters import level_state, load_level
+from shared.model.runtime import get_runtime
 from shared.personas import (
     SELECTION_CLIP,
     adjusted_rand_index,
@@ -42,10 +44,8 @@ from shared.personas import (
     perturbed_copies,
     selection_noise_std,
 )
-from shared.runtime import get_runtime
-from shared.userdata import Profile, Record, UserData, write_population
-from shared.validation import UpdateRejected
-from shared.wire import (
+from shared.protocol.validation import UpdateRejected
+from shared.protocol.wire import (
     KEY_CONFIG,
     KEY_METRICS,
     KEY_PERSONA,

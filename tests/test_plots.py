@@ -1,4 +1,4 @@
-"""PNG plots of reports (simulations.plots) from small hand-made report dicts."""
+"""PNG plots of reports (simulations.run.plots) from small hand-made report dicts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import matplotlib.pyplot as plt
 import pytest
 
-from simulations import plots
-from simulations.plots import plot_improvement, plot_levels, plot_privacy_utility
+from simulations.run import plots
+from simulations.run.plots import plot_improvement, plot_levels, plot_privacy_utility
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVELS = ("base", "global", "global+persona", "global+persona+user")

@@ -1,4 +1,4 @@
-"""Privacy accounting (shared.privacy): epsilon over all rounds and the on-device ledger."""
+"""Privacy accounting (shared.privacy.accounting): epsilon over all rounds and the on-device ledger."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from shared.privacy import (
+from shared.privacy.accounting import (
     PRV_EPS_ERROR,
     PrivacyLedger,
     calibrate_noise,

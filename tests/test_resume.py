@@ -28,17 +28,17 @@ from helpers import (
 from client import client_app
 from client import round as device_round
 from client.client_app import train
+from client.mods.wire_log import WIRE_LOG, read_wire_log
 from client.replay import ReplayError, content_digest, unpack
 from client.store import STATE_DIR, DeviceStore, device_secret
-from client.wire_log import WIRE_LOG, read_wire_log
 from server.checkpoint import load_checkpoint, states_equal
 from server.server_app import weighted_loss
-from shared import atomic
-from shared.adapters import load_adapter_state
-from shared.federation import load_run_population
-from shared.records import state_to_record
-from shared.wire import KEY_GLOBAL, KEY_METRICS
-from simulations.simulate import resolve_config
+from shared.data.federation import load_run_population
+from shared.model.adapters import load_adapter_state
+from shared.protocol.records import state_to_record
+from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS
+from shared.util import atomic
+from simulations.run.simulate import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,12 @@ import math
 import pytest
 from helpers import small_config
 
+from client.mods.wire_log import WIRE_LOG, read_wire_log
 from client.store import DeviceStore
-from client.wire_log import WIRE_LOG, read_wire_log
 from server.report import render_markdown, round_lines
 from server.server_app import fixed_eval_users
-from shared.federation import load_run_population
-from shared.wire import EVAL_LEVELS
+from shared.data.federation import load_run_population
+from shared.protocol.wire import EVAL_LEVELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +96,7 @@ def _evaluate_rounds(cfg, user: str) -> list[int]:
 
 @pytest.mark.integration
 def test_a_simulation_measures_the_same_users_after_every_round_and_plots_it(tmp_path):
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, num_rounds=3, clients_per_round=2, round_eval_users=2,
                        eval_max_records=4, target_epsilon=50.0)
@@ -127,7 +127,7 @@ def test_a_simulation_measures_the_same_users_after_every_round_and_plots_it(tmp
 
 @pytest.mark.integration
 def test_round_eval_users_zero_sends_no_extra_evaluation(tmp_path):
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, num_rounds=2, clients_per_round=2, round_eval_users=0,
                        eval_max_records=4, target_epsilon=50.0)

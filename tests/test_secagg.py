@@ -21,15 +21,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.common.serde import recorddict_to_proto
 
 from client.client_app import make_client_app
+from client.mods.secagg import secagg_input
 from client.node import resolve_user
-from client.secagg import secagg_input
 from server.aggregation import ClientUpdate
 from server.checkpoint import ServerState, load_checkpoint, states_equal
 from server.strategy import apply_round, sent_part
 from shared.config import ConfigError, RunConfig
-from shared.records import record_to_state, state_to_record
-from shared.secagg import clip_change, error_bound, pack, quantized_weight, unpack
-from shared.wire import (
+from shared.privacy.secagg import clip_change, error_bound, pack, quantized_weight, unpack
+from shared.protocol.records import record_to_state, state_to_record
+from shared.protocol.wire import (
     KEY_CONFIG,
     KEY_GLOBAL,
     KEY_METRICS,
@@ -148,9 +148,9 @@ def test_client_input_refuses_a_release_of_another_shape_even_one_that_broadcast
 
 
 def test_rounding_seed_is_the_devices_own_and_fixed_by_the_training_inputs(tmp_path):
-    from client.secagg import rounding_seed
+    from client.mods.secagg import rounding_seed
     from client.store import STATE_DIR
-    from shared.federation import load_run_population
+    from shared.data.federation import load_run_population
     from tests.helpers import initial_server_state, node_context, round_message
 
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3)
@@ -254,7 +254,7 @@ def _tolerance(cfg: RunConfig, vectors: int, examples: int, values: dict) -> flo
 
 @pytest.mark.integration
 def test_secagg_matches_plain_aggregation_and_the_server_sees_only_masked_vectors(tmp_path):
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     settings = {"clients_per_round": 3, "num_rounds": 2, "target_epsilon": 50.0,
                 "secagg_max_weight": 32}
@@ -376,8 +376,8 @@ def _snapshot(run_dir: Path, server_round: int) -> ServerState:
 
 def _initial(cfg: RunConfig) -> ServerState:
     from server.server_app import initial_personas
+    from shared.model.runtime import get_runtime
     from shared.personas import cluster_names
-    from shared.runtime import get_runtime
 
     runtime = get_runtime(cfg)
     personas = cluster_names(cfg.discovered_k) if cfg.discovered_k else PERSONAS
@@ -489,7 +489,7 @@ def _check_round(cfg: RunConfig, before: ServerState, after: ServerState, spy: d
 def test_secagg_with_float16_transport_and_fedadam_matches_plain_aggregation(tmp_path):
     """Both at once: FedAdam's pseudo-gradient is taken against the float16-rounded
     state the clients received (server.strategy.sent_part), in both paths."""
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=2,
                        target_epsilon=50.0, secagg_max_weight=32, transport_dtype="float16",
@@ -544,11 +544,11 @@ def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_p
     """Discovered personas under SecAgg+ (each client fills the slot it chose), and a
     server stopped while collecting round 2's masked vectors, restarted on the same run
     directory: the devices replay their round-2 replies, the rounding is seeded on the
-    device (client.secagg.rounding_seed), so the result is the uninterrupted run's, bit
+    device (client.mods.secagg.rounding_seed), so the result is the uninterrupted run's, bit
     for bit."""
     from client.store import DeviceStore
-    from shared.federation import load_run_population
-    from simulations.simulate import simulate
+    from shared.data.federation import load_run_population
+    from simulations.run.simulate import simulate
 
     settings = {"secagg": True, "clients_per_round": 3, "num_rounds": 2,
                 "target_epsilon": 50.0, "secagg_max_weight": 32,
@@ -596,8 +596,8 @@ def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_p
 
 
 def _times_norm_factor(sent: dict, released: dict) -> dict:
-    """client.faults' ``norm`` fault: an update NORM_FACTOR times the real one."""
-    from client.faults import NORM_FACTOR
+    """simulations.faults' ``norm`` fault: an update NORM_FACTOR times the real one."""
+    from simulations.faults import NORM_FACTOR
 
     return {k: sent[k] + NORM_FACTOR * (v - sent[k]) for k, v in released.items()}
 
@@ -616,9 +616,9 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
     dropout that SecAgg+ removes from the sum, the round goes on), and clips a finite
     oversized one to max-update-norm before masking (it is summed, bounded)."""
     import server.checkpoint
-    from client.faults import fault_schedule, faulty_users
     from shared.config import FAULT_KINDS
-    from simulations.simulate import simulate
+    from simulations.faults import fault_schedule, faulty_users
+    from simulations.run.simulate import simulate
 
     monkeypatch.setattr(server.checkpoint, "KEEP_SNAPSHOTS", 100)  # every round's state
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=6,
@@ -661,10 +661,10 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
 def test_a_halted_secagg_round_still_reports_what_the_honest_device_spent(tmp_path):
     """Two of three clients drop out (NaN): SecAgg+ halts and nothing is applied, but the
     honest device trained and spent, so the server's privacy report must say so."""
-    from client.faults import faulty_users
     from client.store import DeviceStore
-    from shared.federation import load_run_population
-    from simulations.simulate import simulate
+    from shared.data.federation import load_run_population
+    from simulations.faults import faulty_users
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=1,
                        target_epsilon=50.0, secagg_max_weight=32, fault_fraction=0.67,

@@ -1,4 +1,4 @@
-"""What a device serves (client.serving): the stacks it can serve, the choice by held-out
+"""What a device serves (client.serving.stack): the stacks it can serve, the choice by held-out
 loss, and which lines the choice is made on. The tiny tokenizer is byte-level."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import pytest
 from helpers import tokenizer
 
-from client.serving import candidates, choose_levels, serve_from_held_out, stack_name
-from shared.lm import IGNORE_INDEX
-from shared.metrics import TokenStats
-from shared.userdata import Record
+from client.serving.stack import candidates, choose_levels, serve_from_held_out, stack_name
+from shared.data.userdata import Record
+from shared.model.lm import IGNORE_INDEX
+from shared.util.metrics import TokenStats
 
 G, GP, GPU, GU = ("global",), ("global", "persona"), ("global", "persona", "user"), \
     ("global", "user")

@@ -6,8 +6,14 @@ import textwrap
 import pytest
 
 from shared.config import ConfigError
-from shared.shakespeare import GENRES, ShakespeareSettings, build_users, load_corpus, parse_play
-from shared.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, ROLE_TRAIN
+from shared.data.shakespeare import (
+    GENRES,
+    ShakespeareSettings,
+    build_users,
+    load_corpus,
+    parse_play,
+)
+from shared.data.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, ROLE_TRAIN
 
 
 @functools.cache

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from server.checkpoint import load_checkpoint, states_equal
-from shared.adapters import load_adapter_state
 from shared.config import RunConfig
-from shared.shakespeare import ShakespeareSettings, write_shakespeare_population
-from simulations.simulate import simulate
+from shared.data.shakespeare import ShakespeareSettings, write_shakespeare_population
+from shared.model.adapters import load_adapter_state
+from simulations.run.simulate import simulate
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,8 @@
-"""The on-device store (client.store) and the privacy ledger it persists (shared.privacy)."""
+"""The on-device store (client.store) and the privacy ledger it persists (shared.privacy.accounting)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -10,9 +11,9 @@ import torch
 from helpers import randomize_level, tiny_lora, tiny_peft
 
 from client.store import DeviceStore, LedgerError
-from shared.adapters import AdapterFormatError, level_state, load_level
 from shared.config import RunConfig
-from shared.privacy import PrivacyLedger, epsilon
+from shared.model.adapters import AdapterFormatError, level_state, load_level
+from shared.privacy.accounting import PrivacyLedger, epsilon
 
 KEY = "federation-1"
 DELTA = 1e-5
@@ -126,7 +127,7 @@ def test_epsilon_never_decreases_as_entries_compose():
         ledger.record(entry)
         spent.append(ledger.epsilon)
 
-    assert all(b >= a for a, b in zip(spent, spent[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(spent))
     assert spent[3] == spent[2]  # a zero-step run spends nothing
     assert ledger.rounds == 4 and len(ledger.history) == 3
 
@@ -258,8 +259,8 @@ def test_dp_noise_is_not_reproducible_from_public_values(tmp_path):
     )
 
     from client.client_app import train
-    from shared.records import record_to_state
-    from shared.wire import KEY_GLOBAL
+    from shared.protocol.records import record_to_state
+    from shared.protocol.wire import KEY_GLOBAL
 
     # a fixed noise multiplier: a calibrated one follows the device's spend, which the
     # second call on the same device has changed (the first call's round is closed)
@@ -293,8 +294,8 @@ def test_user_adapter_settings_do_not_change_what_a_device_releases(tmp_path):
     )
 
     from client.client_app import train
-    from shared.records import record_to_state
-    from shared.wire import KEY_GLOBAL, KEY_PERSONA
+    from shared.protocol.records import record_to_state
+    from shared.protocol.wire import KEY_GLOBAL, KEY_PERSONA
 
     # a fixed noise multiplier: a calibrated one would follow the spend of each call
     cfg = small_config(tmp_path, **FIXED_NOISE)
@@ -321,7 +322,7 @@ def test_training_draws_depend_on_every_training_input_and_nothing_else(tmp_path
     from client.replay import NOT_TRAINING_INPUTS, SECAGG_RECORD, content_digest
     from shared.config import RunConfig
 
-    assert NOT_TRAINING_INPUTS <= set(RunConfig().to_flower())
+    assert set(RunConfig().to_flower()) >= NOT_TRAINING_INPUTS
     cfg = small_config(tmp_path)
     state = initial_server_state(cfg)
 

@@ -27,8 +27,8 @@ from server.strategy import (
     train_content,
 )
 from shared.config import RunConfig
-from shared.validation import UpdateRejected
-from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.protocol.validation import UpdateRejected
+from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

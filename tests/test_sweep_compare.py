@@ -1,4 +1,4 @@
-"""Privacy sweeps (simulations.sweep) and variant comparisons (simulations.compare): parsing,
+"""Privacy sweeps (simulations.run.sweep) and variant comparisons (simulations.run.compare): parsing,
 noise calibration against the accountant, and the commands with the simulation stubbed."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from helpers import FIXED_NOISE, text_records, write_small_population
 
-import simulations.simulate as simulate_module
+import simulations.run.simulate as simulate_module
 from shared.config import ConfigError, RunConfig
-from shared.privacy import PrivacyLedger, epsilon
-from shared.userdata import Profile, UserData, write_population
-from shared.wire import EVAL_LEVELS
-from simulations.compare import comparison_rows, parse_variant, run_compare_command
-from simulations.sweep import (
+from shared.data.userdata import Profile, UserData, write_population
+from shared.privacy.accounting import PrivacyLedger, epsilon
+from shared.protocol.wire import EVAL_LEVELS
+from simulations.run.compare import comparison_rows, parse_variant, run_compare_command
+from simulations.run.sweep import (
     calibrated_config,
     expected_participations,
     parse_epsilons,

@@ -10,9 +10,9 @@ from opacus.optimizers import DPOptimizer
 
 from client.trainer import (
     GRAD_SAMPLE_MODES,
-    ReleasedOptimizer,
     DPSettings,
     DPTrainingError,
+    ReleasedOptimizer,
     _check_grad_samples,
     _check_moved,
     poisson_batch,
@@ -21,9 +21,9 @@ from client.trainer import (
     train_user,
     train_user_checked,
 )
-from shared.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
-from shared.lm import encode_records, evaluate_stats, per_record_loss, split_holdout
-from shared.userdata import Record
+from shared.data.userdata import Record
+from shared.model.adapters import LEVELS, RELEASED_LEVELS, activate, level_state, load_level
+from shared.model.lm import encode_records, evaluate_stats, per_record_loss, split_holdout
 
 SEQ_LEN = 32
 DP = DPSettings(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
@@ -409,7 +409,7 @@ def test_poisson_batch_is_reproducible_and_has_the_right_mean_size():
 
 def test_private_mean_loss_is_noisy_clipped_and_accounted():
     from client.trainer import LOSS_CLIP, private_mean_loss
-    from shared.userdata import Record
+    from shared.data.userdata import Record
 
     model = tiny_peft()
     data = encode_records([Record("to be or not to be " * k) for k in range(1, 11)],

@@ -15,9 +15,9 @@ from helpers import (
 
 from client.client_app import train
 from server.strategy import apply_round, parse_reply, sent_part, train_content
-from shared.records import record_bytes, record_to_state, state_to_record
-from shared.validation import UpdateRejected
-from shared.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
+from shared.protocol.records import record_bytes, record_to_state, state_to_record
+from shared.protocol.validation import UpdateRejected
+from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 B_KEY = "layers.0.q_proj.lora_B.weight"
 

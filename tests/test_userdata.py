@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared.userdata import (
+from shared.data.userdata import (
     ROLE_TRAIN,
     DataFormatError,
     Profile,

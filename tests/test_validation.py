@@ -1,4 +1,4 @@
-"""Update checks (shared.validation): spec (keys, dtype, shape) and values (finite, norm)."""
+"""Update checks (shared.protocol.validation): spec (keys, dtype, shape) and values (finite, norm)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.validation import UpdateRejected, check_spec, check_values
+from shared.protocol.validation import UpdateRejected, check_spec, check_values
 
 EXPECTED = {"a.lora_B.weight": (4, 2), "b.lora_B.weight": (3, 2)}
 

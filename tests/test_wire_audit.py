@@ -8,13 +8,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from helpers import initial_server_state, node_context, round_message, small_config
 
 from client.client_app import make_client_app
+from client.mods.wire_log import WIRE_LOG, read_wire_log
 from client.store import DeviceStore
-from client.wire_log import WIRE_LOG, read_wire_log
 from server.strategy import sent_part
-from shared.federation import load_run_population
-from shared.runtime import get_runtime
-from shared.wire import KEY_GLOBAL, KEY_METRICS
-from shared.wire_check import check_entries
+from shared.data.federation import load_run_population
+from shared.model.runtime import get_runtime
+from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS
+from shared.protocol.wire_check import check_entries
 
 
 def _expected(cfg):
@@ -60,7 +60,7 @@ def _leak_user_adapter(msg, context, call_next):
     reply = call_next(msg, context)
     if msg.metadata.message_type == MessageType.TRAIN:
         from client.node import resolve_user
-        from shared.wire import read_run_config
+        from shared.protocol.wire import read_run_config
 
         cfg = read_run_config(msg.content["config"])
         user = DeviceStore(resolve_user(context, cfg)[0], cfg.federation_key).load_user_adapter()
@@ -167,8 +167,8 @@ def _blob(shape, dtype="int64"):
 
 
 def _config(name, values):
-    from client.wire_log import _describe_value
-    from shared.wire_check import SECAGG_MASKED, SECAGG_RECORD
+    from client.mods.wire_log import _describe_value
+    from shared.protocol.wire_check import SECAGG_MASKED, SECAGG_RECORD
 
     return {"kind": "config", "values": {k: type(v).__name__ for k, v in values.items()},
             "details": {k: _describe_value(v, arrays=name == SECAGG_RECORD
@@ -214,8 +214,7 @@ def test_secagg_names_are_flowers():
         Stage,
     )
 
-    from shared import wire_check
-
+    from shared.protocol import wire_check
     assert wire_check.SECAGG_RECORD == RECORD_KEY_CONFIGS
     assert wire_check.SECAGG_STAGE == Key.STAGE
     assert wire_check.SECAGG_MASKED == Key.MASKED_PARAMETERS
@@ -355,7 +354,7 @@ def test_a_secagg_record_outside_a_secagg_stage_is_still_a_violation():
 @pytest.mark.integration
 def test_a_secagg_simulation_passes_the_wire_audit(tmp_path):
     from simulations.cli import main
-    from simulations.simulate import simulate
+    from simulations.run.simulate import simulate
 
     cfg = small_config(tmp_path, secagg=True, clients_per_round=3, num_rounds=1,
                        target_epsilon=50.0, secagg_max_weight=32)

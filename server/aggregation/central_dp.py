@@ -77,7 +77,7 @@ from server.aggregation.mean import (
     level_name,
     weighted_sum,
 )
-from shared.privacy import epsilon as rdp_epsilon
+from shared.privacy.accounting import epsilon as rdp_epsilon
 
 # -- the mechanism --------------------------------------------------------------------------
 

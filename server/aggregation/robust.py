@@ -1,6 +1,6 @@
 """Robust aggregation: what one accepted but extreme update can do to the aggregate.
 
-Validation (:mod:`shared.validation`) rejects what is malformed; these aggregates limit
+Validation (:mod:`shared.protocol.validation`) rejects what is malformed; these aggregates limit
 an update that is well formed but extreme. Both act on each client's change of an
 adapter, the whole adapter taken as one vector:
 

@@ -1,0 +1,1 @@
+"""Small pure helpers: atomic files, tables, token statistics."""

@@ -1,0 +1,1 @@
+"""``fedpersona bench``: performance as ratios of variants measured side by side."""

@@ -1,0 +1,161 @@
+"""``fedpersona simulate``: the federated run on Flower's Simulation Engine (Ray).
+
+Settings come from ``[tool.flwr.app.config]`` of the ``pyproject.toml`` in the
+current directory when it is this app's (else the built-in defaults, which are
+the same), then from ``key=value`` overrides. One simulated SuperNode per
+training user; ``partition-id`` names the user on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from shared.config import ConfigError, RunConfig, parse_overrides
+
+
+def app_config_defaults(pyproject: Path) -> dict:
+    """``[tool.flwr.app.config]`` of a fedpersona pyproject, or ``{}``."""
+    if not pyproject.is_file():
+        return {}
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{pyproject}: malformed TOML ({err})") from None
+    flwr = data.get("tool", {}).get("flwr", {})
+    if flwr.get("app", {}).get("publisher") != "fedpersona":
+        return {}
+    return dict(flwr.get("app", {}).get("config", {}))
+
+
+def resolve_config(out: Path | None, settings: list[str], *,
+                   pyproject: Path = Path("pyproject.toml")) -> RunConfig:
+    values = app_config_defaults(pyproject)
+    values.update(parse_overrides(settings))
+    if out is not None:
+        values["run-dir"] = str(Path(out).resolve())
+    return RunConfig.from_mapping(values)
+
+
+def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: bool = True,
+             cold_start_k: int = 5, client_app=None, secagg_observer=None) -> dict:
+    """Run the simulation to the end; return the report (raises what the server raised).
+
+    ``final_evaluation`` adds the baselines and the cold-start evaluation
+    (:mod:`simulations.run.evaluate`) to the report, with plots. ``client_app``
+    replaces the simulation's ClientApp (the device app with the fault injector; tests
+    pass one that misbehaves); ``secagg_observer``
+    is shown every reply of the server's SecAgg+ rounds (tests check what it held)."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.client_app import make_client_app
+    from server.server_app import run_dir_of, run_server
+    from shared.data.federation import load_run_population, training_users
+    from shared.data.userdata import load_user
+    from shared.model.base import resolve_model
+    from simulations.faults import inject_faults
+    from simulations.run.evaluate import evaluate_run
+
+    resolve_model(cfg.model)  # a missing model fails here, in one line, before Ray starts
+    population = load_run_population(cfg)
+    users = training_users(population, cfg)
+    if not users:
+        raise ConfigError("the population has no training users")
+    for entry in users:  # fail fast, with the file and line, before any worker starts
+        load_user(population.user_dir(entry.user_id))
+    num_users = len(users)
+    outcome: dict = {}
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:  # the config is ours, not the empty one Flower passes
+        try:
+            outcome["report"] = run_server(grid, cfg, secagg_observer=secagg_observer)
+        except BaseException as err:  # surfaced in the calling thread below
+            outcome["error"] = err
+            raise
+
+    cpus = num_cpus or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "logging_level": "error",
+                             "log_to_driver": True}}
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    run_simulation(server_app=server_app,
+                   client_app=client_app or make_client_app(inject_faults),
+                   num_supernodes=num_users, backend_config=backend)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "report" not in outcome:
+        raise RuntimeError(f"simulation ended without a report (see the log; run dir "
+                           f"{run_dir_of(cfg)})")
+    report = plot_round_by_round(run_dir_of(cfg), outcome["report"])
+    if final_evaluation:
+        report = finish_report(run_dir_of(cfg), report, evaluate_run(
+            run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k))
+    return report
+
+
+def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
+    """Merge the side-by-side evaluation into the report (the levels from the Flower
+    evaluation round on the baselines' users, and the federation gain against them), draw
+    the plots, rewrite both files."""
+    from server.report import write_report
+    from simulations.run.evaluate import against_levels
+    from simulations.run.plots import plot_federation_gain, plot_improvement, plot_levels
+
+    report = {**report, **{k: v for k, v in evaluation.items() if k != "seconds"}}
+    compared = against_levels(report["levels"], report["baselines"],
+                              report.get("untrained_users", ()))
+    report["baselines"] = {**report["baselines"], **compared["same_users"]}
+    report["federation_gain"] = compared["federation_gain"]
+    report["served_gain"] = compared.get("served_gain")
+    report["evaluation_seconds"] = evaluation.get("seconds")
+    report["plots"] = {
+        **report.get("plots", {}),
+        "perplexity per level": plot_levels(report, run_dir / "levels.png").name,
+        "per-user improvement": plot_improvement(report, run_dir / "improvement.png").name,
+        "federation gain per user": plot_federation_gain(
+            report["federation_gain"], run_dir / "federation_gain.png").name}
+    if report["served_gain"] and report["served_gain"]["users"]:
+        report["plots"]["served gain per user"] = plot_federation_gain(
+            report["served_gain"], run_dir / "served_gain.png", "Served gain").name
+    write_report(run_dir, report)
+    return report
+
+
+def plot_round_by_round(run_dir: Path, report: dict) -> dict:
+    """Draw ``rounds.png`` when the rounds were measured (round-eval-users > 0) and
+    rewrite both files to show it; else the report as it is."""
+    from server.report import ROUND_PLOT, write_report
+    from simulations.run.plots import plot_rounds
+
+    if not report.get("round_eval"):
+        return report
+    report = {**report, "plots": {**report.get("plots", {}),
+                                  ROUND_PLOT: plot_rounds(report, run_dir / "rounds.png").name}}
+    write_report(run_dir, report)
+    return report
+
+
+def run_simulation_command(out: Path | None, settings: list[str]) -> int:
+    from server.report import levels_table
+    from server.server_app import run_dir_of
+
+    cfg = resolve_config(out, settings)
+    print(f"fedpersona simulate: run dir {run_dir_of(cfg)}")
+    report = simulate(cfg)
+    print()
+    print(levels_table(report["levels"]))
+    privacy = report["privacy"]
+    if privacy["dp"]:
+        print(f"\nepsilon max {privacy['epsilon_max']:.3f} at delta {privacy['delta']:g} "
+              f"(budget {privacy['target_epsilon']:g})")
+    else:
+        print("\nno DP")
+    print(json.dumps({"run_dir": str(run_dir_of(cfg)), "seconds": report["seconds"]}))
+    return 0
