@@ -28,7 +28,8 @@ from client.discovery import choose_cluster
 from client.store import DeviceStore
 from client.trainer import sample_rate
 from server.checkpoint import ServerState
-from server.server_app import discovery_report, initial_personas
+from server.evaluation import discovery_report
+from server.run import initial_personas
 from server.strategy import chosen_persona, discovery_content
 from shared.config import ConfigError, RunConfig
 from shared.data.userdata import Profile, Record, UserData, write_population

@@ -32,7 +32,7 @@ from client.mods.wire_log import WIRE_LOG, read_wire_log
 from client.replay import ReplayError, content_digest, unpack
 from client.store import STATE_DIR, DeviceStore, device_secret
 from server.checkpoint import load_checkpoint, states_equal
-from server.server_app import weighted_loss
+from server.rounds import weighted_loss
 from shared.data.federation import load_run_population
 from shared.model.adapters import load_adapter_state
 from shared.protocol.records import state_to_record

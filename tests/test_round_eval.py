@@ -11,8 +11,8 @@ from helpers import small_config
 
 from client.mods.wire_log import WIRE_LOG, read_wire_log
 from client.store import DeviceStore
+from server.evaluation import fixed_eval_users
 from server.report import render_markdown, round_lines
-from server.server_app import fixed_eval_users
 from shared.data.federation import load_run_population
 from shared.protocol.wire import EVAL_LEVELS
 

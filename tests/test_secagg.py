@@ -375,7 +375,7 @@ def _snapshot(run_dir: Path, server_round: int) -> ServerState:
 
 
 def _initial(cfg: RunConfig) -> ServerState:
-    from server.server_app import initial_personas
+    from server.run import initial_personas
     from shared.model.runtime import get_runtime
     from shared.personas import cluster_names
 

@@ -53,7 +53,8 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.server_app import run_dir_of, run_server
+    from server.run import run_dir_of
+    from server.server_app import run_server
     from shared.data.federation import load_run_population, training_users
     from shared.data.userdata import load_user
     from shared.model.base import resolve_model
@@ -144,7 +145,7 @@ def plot_round_by_round(run_dir: Path, report: dict) -> dict:
 
 def run_simulation_command(out: Path | None, settings: list[str]) -> int:
     from server.report import levels_table
-    from server.server_app import run_dir_of
+    from server.run import run_dir_of
 
     cfg = resolve_config(out, settings)
     print(f"fedpersona simulate: run dir {run_dir_of(cfg)}")
