@@ -10,13 +10,24 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.fedpersona-installed
 
-.PHONY: demo test install
+.PHONY: demo test test-fast lint install
 
 demo: $(STAMP)
 	$(PY) -m simulations.cli simulate --out runs/demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# the inner loop: the tiny model only, no Ray, no real model, no servers (a few minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not real_model"
+
+# lint (ruff), the import contracts (import-linter: three floors, a pure core without
+# Flower) and the pure core's types (mypy)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+	$(PY) -m mypy
 
 install: $(STAMP)
 

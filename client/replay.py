@@ -40,6 +40,7 @@ from safetensors.torch import save
 
 from shared.config import RunConfig
 from shared.protocol.wire import KEY_CONFIG
+from shared.protocol.wire_check import SECAGG_RECORD
 
 FORMAT = "fedpersona-replay-1"
 
@@ -58,7 +59,6 @@ class Replay:
 
 # Flower's SecAgg+ keys, ciphertexts and peer ids: fresh in every protocol run, and not
 # an input of the training (the mod masks the handler's reply after it is computed).
-SECAGG_RECORD = "secaggplus_configs"
 
 # Run settings that do not enter what a device computes for a train reply: those of the
 # sections that are no training input (shared.config.SECTIONS: where the run lives,

@@ -10,23 +10,14 @@ from typing import Any
 
 from shared.protocol.wire import EVAL_LEVELS
 from shared.util.atomic import write_json_atomic, write_text_atomic
-from shared.util.metrics import TokenStats, macro_summary
+from shared.util.metrics import TokenStats, macro_summary, per_user_summary, stats_summary
 from shared.util.tables import markdown_table
 
 
 def level_metrics(per_user_stats: Mapping[str, Mapping[str, TokenStats]]) -> dict[str, Any]:
     """``user -> level -> stats`` into, per level, macro means with 95% CIs and per-user values."""
-    levels: dict[str, Any] = {}
-    for level in EVAL_LEVELS:
-        ppl = {u: s[level].perplexity for u, s in per_user_stats.items() if level in s}
-        acc = {u: s[level].token_accuracy for u, s in per_user_stats.items() if level in s}
-        p, a = macro_summary(ppl), macro_summary(acc)
-        levels[level] = {"perplexity": p["mean"], "perplexity_ci95": p["ci95"],
-                         "token_accuracy": a["mean"], "token_accuracy_ci95": a["ci95"],
-                         "users": p["n"],
-                         "per_user": {u: {"perplexity": ppl[u], "token_accuracy": acc[u]}
-                                      for u in sorted(ppl)}}
-    return levels
+    return {level: stats_summary({u: s[level] for u, s in per_user_stats.items() if level in s})
+            for level in EVAL_LEVELS}
 
 
 def privacy_summary(epsilon_per_user: Mapping[str, float], *, dp: bool, delta: float,
@@ -147,12 +138,7 @@ BASELINE_NOTES = {
 def restrict(summary: Mapping[str, Any], users) -> dict[str, Any]:
     """A macro summary (``perplexity``, ``token_accuracy``, ``per_user``) over ``users`` only."""
     users = set(users)
-    per_user = {u: v for u, v in summary["per_user"].items() if u in users}
-    ppl = macro_summary({u: v["perplexity"] for u, v in per_user.items()})
-    acc = macro_summary({u: v["token_accuracy"] for u, v in per_user.items()})
-    return {"perplexity": ppl["mean"], "perplexity_ci95": ppl["ci95"],
-            "token_accuracy": acc["mean"], "token_accuracy_ci95": acc["ci95"],
-            "users": ppl["n"], "per_user": per_user}
+    return per_user_summary({u: v for u, v in summary["per_user"].items() if u in users})
 
 
 def federation_gain(baseline: Mapping[str, float], federated: Mapping[str, float], *,

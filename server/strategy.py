@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from flwr.app import Message, RecordDict
@@ -44,13 +43,6 @@ from shared.protocol.validation import (
 from shared.protocol.wire import KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
 ALLOWED_REPLY_KEYS = {KEY_GLOBAL, KEY_PERSONA, KEY_METRICS}
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    accepted: list[tuple[int, ClientUpdate, dict]]  # (node id, update, metrics)
-    declined: list[tuple[int, dict]]
-    rejected: list[tuple[int, str]]
 
 
 def sample_nodes(node_ids: Iterable[int], k: int, *, seed: int, server_round: int,

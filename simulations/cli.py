@@ -1,4 +1,5 @@
-"""The ``fedpersona`` command: data, simulate, and (later) evaluate, audit, deploy.
+"""The ``fedpersona`` command: data, simulate, bench, compare, evaluate, generate, sweep,
+deploy and audit.
 
 Every failure a user can cause (bad setting, missing model, malformed data)
 ends as one line on stderr and a non-zero exit code, never a traceback.

@@ -32,6 +32,7 @@ from shared.data.userdata import (
 from shared.model.adapters import level_state, save_adapter
 from shared.privacy.accounting import PrivacyLedger
 from shared.util.metrics import TokenStats, macro_summary
+from shared.util.metrics import stats_summary as summarize
 from simulations.run import evaluate as evaluation
 from simulations.run.evaluate import (
     FULL_ONLY_ROWS,
@@ -42,7 +43,6 @@ from simulations.run.evaluate import (
     EvaluationError,
     evaluate_run,
     load_run_config,
-    summarize,
 )
 from simulations.run.simulate import finish_report
 

@@ -144,10 +144,12 @@ def test_an_honest_user_is_untouched_and_accepted(five_users, tmp_path):
     _, without = _train(make_client_app(inject_faults), clean, state, honest)
 
     update, _ = _parse(faulty, state, with_faults, honest)
-    assert update is not None
     a = record_to_state(with_faults.content[KEY_GLOBAL])
     b = record_to_state(without.content[KEY_GLOBAL])
     assert all(torch.equal(a[k], b[k]) for k in b)
+    # accepted as exactly what it sent
+    assert update.persona == PERSONAS[int(honest[1:]) % 2]
+    assert all(torch.equal(update.global_state[k], b[k]) for k in b)
 
 
 def test_a_crash_reaches_the_server_as_an_error(five_users, tmp_path):
@@ -175,7 +177,10 @@ def test_a_real_device_ignores_fault_injection(five_users, tmp_path):
     _, reply = _train(make_client_app(inject_faults), cfg, state, user, context=device)
 
     update, _ = _parse(cfg, state, reply, user)
-    assert update is not None
+    # accepted, finite (no NaN fault), and exactly the tensors the device sent
+    sent = record_to_state(reply.content[KEY_GLOBAL])
+    assert all(torch.equal(update.global_state[k], sent[k]) for k in sent)
+    assert all(bool(torch.isfinite(v).all()) for v in update.global_state.values())
 
 
 # -- the norm fault: rejected by max-update-norm, else bounded by robust aggregation ---------
@@ -221,7 +226,9 @@ def test_max_update_norm_rejects_the_norm_fault_and_no_honest_update(norm_round)
             with pytest.raises(UpdateRejected, match=REASONS["norm"]):
                 _parse(cfg, state, reply, user, max_update_norm=5.0)
         else:
-            assert _parse(cfg, state, reply, user, max_update_norm=5.0)[0] is not None
+            update, _ = _parse(cfg, state, reply, user, max_update_norm=5.0)
+            sent = record_to_state(reply.content[KEY_GLOBAL])
+            assert all(torch.equal(update.global_state[k], sent[k]) for k in sent)
 
 
 def test_robust_aggregation_bounds_an_accepted_norm_fault(norm_round):

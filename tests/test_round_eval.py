@@ -121,8 +121,9 @@ def test_a_simulation_measures_the_same_users_after_every_round_and_plots_it(tmp
     # the other user only the final one
     assert _evaluate_rounds(cfg, "u1") == _evaluate_rounds(cfg, "u2") == [1, 2, 3, 3]
     assert _evaluate_rounds(cfg, "u3") == [3]
-    seconds = [(r["seconds"], r["eval_seconds"]) for r in on_disk["rounds"]]
-    print(f"\n(round seconds, per-round evaluation seconds): {seconds}")
+    # every round records its own time and its measurement's, apart
+    assert all(math.isfinite(r["seconds"]) and math.isfinite(r["eval_seconds"])
+               and r["eval_seconds"] >= 0 for r in on_disk["rounds"])
 
 
 @pytest.mark.integration

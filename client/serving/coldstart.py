@@ -1,6 +1,6 @@
 """Which adapters serve a user: the cold-start fallback.
 
-In order (DESIGN.md, "Personas and cold start"):
+In order (the design's "Personas and cold start"):
 1. the user's own adapter, if one was trained (with global and the user's persona);
 2. else the declared persona (a label in the profile), if the server has its adapter;
 3. else the persona whose adapter has the lowest loss on the user's few examples,

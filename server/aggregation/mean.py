@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-State = dict[str, torch.Tensor]
+from shared.model.adapters import State
+
 Changes = dict[str, State]  # level ("global", "persona/<p>") -> its mean change this round
 GLOBAL = "global"
 PERSONA_PREFIX = "persona/"
@@ -66,8 +67,17 @@ def weighted_sum(states: Sequence[Mapping[str, torch.Tensor]], coefficients: Seq
         if like is None:
             raise ValueError("nothing to sum and no shapes to sum into")
         return {key: torch.zeros(value.shape, dtype=torch.float64) for key, value in like.items()}
-    return {key: sum(c * s[key].double() for s, c in zip(states, coefficients))
+    return {key: _in_order_sum([c * s[key].double() for s, c in zip(states, coefficients)])
             for key in states[0]}
+
+
+def _in_order_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``0 + terms[0] + terms[1] + ...`` left to right, exactly as ``sum()`` adds them
+    (the leading ``+0`` included: it turns a -0.0 into 0.0), typed as a tensor."""
+    total = torch.zeros_like(terms[0])
+    for term in terms:
+        total = total + term
+    return total
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]],

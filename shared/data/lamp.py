@@ -234,7 +234,9 @@ def _task(outputs: Any, path: Path, task: str | None) -> str:
         raise DataFormatError(f"{path}: holds task {found!r}, not {task!r}")
     if task is None and found is None:
         raise DataFormatError(f"{path}: missing 'task' (or pass task=...)")
-    return task if task is not None else found
+    chosen = task if task is not None else found
+    assert chosen is not None  # both None was refused above
+    return chosen
 
 
 def _golds(outputs: dict[str, Any], path: Path) -> dict[str, str]:

