@@ -33,6 +33,22 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
     of the SecAgg+ protocol (:class:`server.secagg.SecureRound`)."""
     started = time.monotonic()
     run = start_run(grid, cfg, progress)
-    for server_round in range(run.state.round + 1, cfg.num_rounds + 1):
-        run_round(grid, run, server_round, progress, secagg_observer=secagg_observer)
+    first, rounds_started = run.state.round, time.monotonic()
+    for server_round in range(first + 1, cfg.num_rounds + 1):
+        left = cfg.num_rounds - server_round
+
+        def with_eta(line: str, done: int = server_round - first, left: int = left) -> None:
+            per_round = (time.monotonic() - rounds_started) / done
+            progress(line + (f"; about {remaining(per_round * left)} left" if left else ""))
+
+        run_round(grid, run, server_round, with_eta, secagg_observer=secagg_observer)
     return final_report(grid, run, started, progress)
+
+
+def remaining(seconds: float) -> str:
+    """A duration as a person reads an estimate of it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

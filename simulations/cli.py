@@ -8,6 +8,7 @@ ends as one line on stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class UserFacingError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause, each raised with a message that names the problem. Not a
     bare ValueError: one from our own code is a bug, and keeps its traceback."""
+    from client.serving.export import ExportError
     from client.store import LedgerError
     from server.checkpoint import CheckpointError
     from shared.config import ConfigError
@@ -35,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (UserFacingError, ConfigError, DataFormatError, AdapterFormatError, LedgerError,
             CheckpointError, CredentialsError, ModelLoadError, ModelNotFoundError,
-            CorpusNotFoundError, AuditSetupError, DeployError, EvaluationError,
+            CorpusNotFoundError, AuditSetupError, DeployError, EvaluationError, ExportError,
             FileExistsError, FileNotFoundError)
 
 
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="run the federated simulation")
     simulate.add_argument("--out", type=Path, help="run directory (adapters, reports)")
+    simulate.add_argument("-v", "--verbose", action="store_true",
+                          help="show the libraries' output too (else it goes to RUN/run.log)")
     simulate.add_argument("settings", nargs="*", metavar="key=value",
                           help="overrides of [tool.flwr.app.config], e.g. num-rounds=3")
 
@@ -104,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the user's most recent lines before the prompt, in tokens "
                                "(0: none)")
     generate.add_argument("prompt")
+
+    export = commands.add_parser(
+        "export", help="a run's adapter stack as one standard peft LoRA adapter")
+    export.add_argument("--run", required=True, type=Path, help="a finished run directory")
+    export.add_argument("--out", required=True, type=Path, help="a new folder to write into")
+    export.add_argument("--persona", help="the persona adapter to stack on global")
+    export.add_argument("--user-dir", type=Path,
+                        help="a device's user directory: its user adapter goes on top (the "
+                             "export then belongs on that device only)")
+    export.add_argument("--merge", action="store_true",
+                        help="also write the base model with the adapter merged in")
 
     sweep = commands.add_parser("sweep", help="the simulation at several privacy budgets")
     sweep.add_argument("--epsilons", default="1,4,8,inf")
@@ -215,7 +230,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         from simulations.run.simulate import run_simulation_command
 
-        return run_simulation_command(args.out, args.settings)
+        return run_simulation_command(args.out, args.settings, verbose=args.verbose)
     if args.command == "compare":
         from simulations.run.compare import run_compare_command
 
@@ -224,6 +239,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _evaluate(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "sweep":
         from simulations.run.sweep import run_sweep_command
 
@@ -393,6 +410,29 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"context: the user's latest lines, up to {args.context_tokens} tokens")
     print(generate_text(evaluator, serving, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from client.serving.export import MANIFEST, export_stack
+    from simulations.run.evaluate import RunEvaluator, load_run_config
+
+    cfg = load_run_config(args.run)  # a missing or broken report.json is a one-line error
+    report = json.loads((args.run / "report.json").read_text())
+    manifest = export_stack(RunEvaluator(args.run, cfg), args.out, persona=args.persona,
+                            user_dir=args.user_dir, merge=args.merge, report=report)
+    stack = " + ".join(s["level"] + (f" ({s['name']})" if "name" in s else "")
+                       for s in manifest["stack"])
+    check = manifest["check"]
+    print(f"exported {stack} as one LoRA of rank {manifest['adapter']['rank']}: "
+          f"{args.out / manifest['adapter']['path']}")
+    print(f"check: max |logit difference| {check['max_abs_logit_diff']:.2e} against the "
+          f"stack (logits up to {check['max_abs_logit']:.1f}) on {check['tokens']} tokens; "
+          f"the stack summed in the other order differs by "
+          f"{check['reordered_stack_diff']:.2e}")
+    if manifest["merged"]:
+        print(f"merged model: {args.out / manifest['merged']}")
+    print(f"manifest: {args.out / MANIFEST}")
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.config import ConfigError, RunConfig, parse_overrides
@@ -41,7 +42,8 @@ def resolve_config(out: Path | None, settings: list[str], *,
 
 
 def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: bool = True,
-             cold_start_k: int = 5, client_app=None, secagg_observer=None) -> dict:
+             cold_start_k: int = 5, client_app=None, secagg_observer=None,
+             progress: Callable[[str], None] = print) -> dict:
     """Run the simulation to the end; return the report (raises what the server raised).
 
     ``final_evaluation`` adds the baselines and the cold-start evaluation
@@ -69,6 +71,9 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     for entry in users:  # fail fast, with the file and line, before any worker starts
         load_user(population.user_dir(entry.user_id))
     num_users = len(users)
+    progress(f"population: {num_users} training users of {len(population.users)} "
+             f"({population.root}); model {cfg.model}; {cfg.num_rounds} rounds of "
+             f"{min(cfg.clients_per_round, num_users)} clients")
     outcome: dict = {}
 
     server_app = ServerApp()
@@ -76,7 +81,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     @server_app.main()
     def _main(grid, context) -> None:  # the config is ours, not the empty one Flower passes
         try:
-            outcome["report"] = run_server(grid, cfg, secagg_observer=secagg_observer)
+            outcome["report"] = run_server(grid, cfg, progress, secagg_observer=secagg_observer)
         except BaseException as err:  # surfaced in the calling thread below
             outcome["error"] = err
             raise
@@ -97,7 +102,8 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     report = plot_round_by_round(run_dir_of(cfg), outcome["report"])
     if final_evaluation:
         report = finish_report(run_dir_of(cfg), report, evaluate_run(
-            run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k))
+            run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k,
+            progress=progress))
     return report
 
 
@@ -143,13 +149,20 @@ def plot_round_by_round(run_dir: Path, report: dict) -> dict:
     return report
 
 
-def run_simulation_command(out: Path | None, settings: list[str]) -> int:
+def run_simulation_command(out: Path | None, settings: list[str], *,
+                           verbose: bool = False) -> int:
+    """The simulation with our lines on the console and the libraries' in ``run.log``
+    (``verbose``: everything on the console)."""
     from server.report import levels_table
     from server.run import run_dir_of
+    from simulations.run.console import RUN_LOG, quiet_libraries
 
     cfg = resolve_config(out, settings)
-    print(f"fedpersona simulate: run dir {run_dir_of(cfg)}")
-    report = simulate(cfg)
+    run_dir = run_dir_of(cfg)
+    print(f"fedpersona simulate: run dir {run_dir}" + (
+        "" if verbose else f" (library output in {run_dir / RUN_LOG}; -v shows it here)"))
+    with quiet_libraries(run_dir / RUN_LOG, verbose=verbose) as say:
+        report = simulate(cfg, progress=say)
     print()
     print(levels_table(report["levels"]))
     privacy = report["privacy"]
