@@ -16,6 +16,7 @@ an empty run config, so the defaults must stand on their own; a test checks it).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -101,152 +102,176 @@ def one_of(choices: tuple[str, ...]) -> Rule:
     return Rule(lambda v: v in choices, f"must be one of {', '.join(choices)};")
 
 
-def setting(default: Any, section: str, *rules: Rule) -> Any:
-    """A :class:`RunConfig` field in ``section``, checked by ``rules`` on creation."""
+def setting(default: Any, section: str, *rules: Rule, doc: str = "") -> Any:
+    """A :class:`RunConfig` field in ``section``, checked by ``rules`` on creation and
+    described by ``doc`` (``fedpersona config`` lists them)."""
     if section not in SECTIONS:
         raise KeyError(section)
-    return dataclasses.field(default=default, metadata={"section": section, "rules": rules})
+    return dataclasses.field(default=default,
+                             metadata={"section": section, "rules": rules, "doc": doc})
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # -- base model and data ------------------------------------------------
-    # "smollm2" (embedded GGUF), "tiny", or a local HF model directory
-    model: str = setting("smollm2", "model")
-    # population directory; "" = build the Shakespeare one in the cache
-    data_dir: str = setting("", "population")
-    personas: str = setting("genre", "user-data")  # "genre", "play" (declared) or "discovered:K"
-    min_records: int = setting(30, "user-data", AT_LEAST_ONE)  # speeches to be a user
-    # the last fraction of each user's records, kept for testing
-    test_fraction: float = setting(0.2, "user-data", OPEN_FRACTION)
-    # every character of these plays is cold-start
-    cold_start_plays: str = setting("the-tempest,macbeth", "population")
-    # fraction of other plays' users held out as cold-start
-    cold_start_fraction: float = setting(0.1, "population", HALF_OPEN_FRACTION)
-    # training users in a simulation, stratified over personas; 0 = all
-    max_users: int = setting(24, "population", NON_NEGATIVE)
-    # discovered personas: rounds of global-only training first
-    discovery_warmup: int = setting(2, "discovery", NON_NEGATIVE)
-    # noise multiplier of the private IFCA choice; 0 = not private
-    selection_noise: float = setting(1.0, "discovery", FINITE_NON_NEGATIVE)
-    selection_records: int = setting(16, "discovery", AT_LEAST_ONE)  # records each scores K on
+    model: str = setting("smollm2", "model",
+        doc="\"smollm2\" (embedded GGUF), \"tiny\", or a local HF model directory")
+    data_dir: str = setting("", "population",
+        doc="population directory; \"\" = build the Shakespeare one in the cache")
+    personas: str = setting("genre", "user-data",
+        doc="\"genre\", \"play\" (declared) or \"discovered:K\"")
+    min_records: int = setting(30, "user-data", AT_LEAST_ONE,
+        doc="speeches to be a user")
+    test_fraction: float = setting(0.2, "user-data", OPEN_FRACTION,
+        doc="the last fraction of each user's records, kept for testing")
+    cold_start_plays: str = setting("the-tempest,macbeth", "population",
+        doc="every character of these plays is cold-start")
+    cold_start_fraction: float = setting(0.1, "population", HALF_OPEN_FRACTION,
+        doc="fraction of other plays' users held out as cold-start")
+    max_users: int = setting(24, "population", NON_NEGATIVE,
+        doc="training users in a simulation, stratified over personas; 0 = all")
+    discovery_warmup: int = setting(2, "discovery", NON_NEGATIVE,
+        doc="discovered personas: rounds of global-only training first")
+    selection_noise: float = setting(1.0, "discovery", FINITE_NON_NEGATIVE,
+        doc="noise multiplier of the private IFCA choice; 0 = not private")
+    selection_records: int = setting(16, "discovery", AT_LEAST_ONE,
+        doc="records each scores K on")
     # -- federated rounds -----------------------------------------------------
-    num_rounds: int = setting(5, "rounds", AT_LEAST_ONE)
-    clients_per_round: int = setting(8, "rounds", AT_LEAST_ONE)
+    num_rounds: int = setting(5, "rounds", AT_LEAST_ONE,
+        doc="federated rounds")
+    clients_per_round: int = setting(8, "rounds", AT_LEAST_ONE,
+        doc="clients sampled each round")
     # -- local training ---------------------------------------------------------
-    # DP-SGD steps on the released (global + persona) adapters per round
-    local_steps: int = setting(1, "training", AT_LEAST_ONE)
-    # steps on the on-device user adapter per round (never released)
-    user_steps: int = setting(6, "user-adapter", NON_NEGATIVE)
-    # steps on the user adapter under the final shared levels, before the device serves
-    # them (the final evaluation): it is fitted to what it is served with (never released)
-    user_final_steps: int = setting(6, "user-adapter", NON_NEGATIVE)
-    batch_size: int = setting(8, "training", AT_LEAST_ONE)  # expected (Poisson) batch size
-    seq_len: int = setting(64, "training", AT_LEAST_ONE)
-    # of the released levels' noisy steps (SGD: large)
-    learning_rate: float = setting(3.0, "training", FINITE_POSITIVE)
-    # above this noise multiplier the noisy step shrinks as learning-rate x reference /
-    # sigma, so the noise it adds stays that of sigma = reference (a small budget's large
-    # sigma otherwise swamps the adapters); 0 = the step never shrinks
-    lr_noise_reference: float = setting(1.0, "training", FINITE_NON_NEGATIVE)
-    # the noisy steps' optimizer: "sgd" lets the noise average out across steps and
-    # clients; "adam" normalises every coordinate, noise included
-    local_optimizer: str = setting("sgd", "training", one_of(LOCAL_OPTIMIZERS))
-    user_learning_rate: float = setting(0.002, "user-adapter", FINITE_POSITIVE)
-    # last share of a user's training records that decides, on the device, whether a
-    # newly trained user adapter is kept (it must not raise their loss); 0 keeps every one
-    user_holdout_fraction: float = setting(0.2, "user-adapter", HALF_OPEN_FRACTION)
+    local_steps: int = setting(1, "training", AT_LEAST_ONE,
+        doc="DP-SGD steps on the released (global + persona) adapters per round")
+    user_steps: int = setting(6, "user-adapter", NON_NEGATIVE,
+        doc="steps on the on-device user adapter per round (never released)")
+    user_final_steps: int = setting(6, "user-adapter", NON_NEGATIVE,
+        doc=("steps on the user adapter under the final shared levels, before the device serves them "
+             "(the final evaluation): it is fitted to what it is served with (never released)"))
+    batch_size: int = setting(8, "training", AT_LEAST_ONE,
+        doc="expected (Poisson) batch size")
+    seq_len: int = setting(64, "training", AT_LEAST_ONE,
+        doc="tokens per training record")
+    learning_rate: float = setting(3.0, "training", FINITE_POSITIVE,
+        doc="of the released levels' noisy steps (SGD: large)")
+    lr_noise_reference: float = setting(1.0, "training", FINITE_NON_NEGATIVE,
+        doc=("above this noise multiplier the noisy step shrinks as learning-rate x reference / sigma, "
+             "so the noise it adds stays that of sigma = reference (a small budget's large sigma "
+             "otherwise swamps the adapters); 0 = the step never shrinks"))
+    local_optimizer: str = setting("sgd", "training", one_of(LOCAL_OPTIMIZERS),
+        doc=("the noisy steps' optimizer: \"sgd\" lets the noise average out across steps and clients; "
+             "\"adam\" normalises every coordinate, noise included"))
+    user_learning_rate: float = setting(0.002, "user-adapter", FINITE_POSITIVE,
+        doc="Adam's step on the user adapter")
+    user_holdout_fraction: float = setting(0.2, "user-adapter", HALF_OPEN_FRACTION,
+        doc=("last share of a user's training records that decides, on the device, whether a newly "
+             "trained user adapter is kept (it must not raise their loss); 0 keeps every one"))
     # -- LoRA -----------------------------------------------------------------------
-    lora_rank: int = setting(8, "lora", AT_LEAST_ONE)
-    lora_alpha: float = setting(16.0, "lora", FINITE_POSITIVE)
-    lora_targets: str = setting("q_proj,v_proj", "lora")
-    # "ffa": A frozen at a shared seed, only B trained and averaged
-    lora_scheme: str = setting("ffa", "lora", one_of(LORA_SCHEMES))
+    lora_rank: int = setting(8, "lora", AT_LEAST_ONE,
+        doc="rank of every LoRA level")
+    lora_alpha: float = setting(16.0, "lora", FINITE_POSITIVE,
+        doc="LoRA alpha (the scaling is alpha / rank)")
+    lora_targets: str = setting("q_proj,v_proj", "lora",
+        doc="comma-separated modules the adapters adapt")
+    lora_scheme: str = setting("ffa", "lora", one_of(LORA_SCHEMES),
+        doc="\"ffa\": A frozen at a shared seed, only B trained and averaged")
     # -- record-level DP on the device (Opacus) -----------------------------------
-    dp: bool = setting(True, "privacy")
-    noise_multiplier: float = setting(1.0, "privacy", FINITE_NON_NEGATIVE)
-    max_grad_norm: float = setting(1.0, "privacy", FINITE_POSITIVE)
-    # Poisson rate of the DP-SGD batches; 0 = batch-size / records (the user's own rate)
+    dp: bool = setting(True, "privacy",
+        doc="record-level DP-SGD on the device (false: plain training, no guarantee)")
+    noise_multiplier: float = setting(1.0, "privacy", FINITE_NON_NEGATIVE,
+        doc="DP-SGD's noise multiplier when planned-rounds = 0")
+    max_grad_norm: float = setting(1.0, "privacy", FINITE_POSITIVE,
+        doc="per-record gradient clipping norm of DP-SGD")
     dp_sample_rate: float = setting(1.0, "privacy", Rule(
-        lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (0 = batch-size / records)"))
-    # rounds a device plans its budget for: each time it trains it picks the smallest
-    # noise multiplier that leaves enough for the rest; 0 = noise-multiplier, fixed
-    planned_rounds: int = setting(2, "privacy", NON_NEGATIVE)
-    # the noisy train-loss release, at least 4 x the step's sigma; 0 = the step's sigma
-    loss_noise_multiplier: float = setting(4.0, "privacy", FINITE_NON_NEGATIVE)
-    # "rdp" or "prv" (tighter, sound): what the budget is enforced with
-    accountant: str = setting("prv", "privacy", one_of(ACCOUNTANTS))
-    # Opacus per-record clipping: "hooks" or "ghost" clipping
-    grad_sample_mode: str = setting("hooks", "privacy", one_of(GRAD_SAMPLE_MODES))
-    # per-user budget; a client refuses a round that would pass it (inf: no budget)
-    target_epsilon: float = setting(8.0, "privacy", Rule(lambda v: v > 0, "must be > 0"))
-    target_delta: float = setting(1e-5, "privacy", OPEN_FRACTION)
+        lambda v: 0.0 <= v <= 1.0, "must be in [0, 1] (0 = batch-size / records)"),
+        doc="Poisson rate of the DP-SGD batches; 0 = batch-size / records (the user's own rate)")
+    planned_rounds: int = setting(2, "privacy", NON_NEGATIVE,
+        doc=("rounds a device plans its budget for: each time it trains it picks the smallest noise "
+             "multiplier that leaves enough for the rest; 0 = noise-multiplier, fixed"))
+    loss_noise_multiplier: float = setting(4.0, "privacy", FINITE_NON_NEGATIVE,
+        doc="the noisy train-loss release, at least 4 x the step's sigma; 0 = the step's sigma")
+    accountant: str = setting("prv", "privacy", one_of(ACCOUNTANTS),
+        doc="\"rdp\" or \"prv\" (tighter, sound): what the budget is enforced with")
+    grad_sample_mode: str = setting("hooks", "privacy", one_of(GRAD_SAMPLE_MODES),
+        doc="Opacus per-record clipping: \"hooks\" or \"ghost\" clipping")
+    target_epsilon: float = setting(8.0, "privacy", Rule(lambda v: v > 0, "must be > 0"),
+        doc="per-user budget; a client refuses a round that would pass it (inf: no budget)")
+    target_delta: float = setting(1e-5, "privacy", OPEN_FRACTION,
+        doc="delta of the per-user budget")
     # -- server ---------------------------------------------------------------------
-    server_optimizer: str = setting("fedavg", "server", one_of(SERVER_OPTIMIZERS))
-    server_learning_rate: float = setting(1.0, "server", FINITE_POSITIVE)
-    # reject an update whose L2 change exceeds this; 0 = no bound
-    max_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE)
-    # robust aggregation of accepted updates (server/aggregation); see also max_update_norm
-    # "mean" (example-weighted) or "trimmed-mean" (Yin et al. 2018)
-    aggregation: str = setting("mean", "server", one_of(AGGREGATIONS))
-    # trimmed-mean: fraction dropped at each end, per coordinate
+    server_optimizer: str = setting("fedavg", "server", one_of(SERVER_OPTIMIZERS),
+        doc="\"fedavg\" or \"fedadam\"")
+    server_learning_rate: float = setting(1.0, "server", FINITE_POSITIVE,
+        doc="the server's step on the mean change")
+    max_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE,
+        doc="reject an update whose L2 change exceeds this; 0 = no bound")
+    aggregation: str = setting("mean", "server", one_of(AGGREGATIONS),
+        doc=("robust aggregation of accepted updates (server/aggregation); see also max_update_norm "
+             "\"mean\" (example-weighted) or \"trimmed-mean\" (Yin et al. 2018)"))
     trim_fraction: float = setting(0.1, "server", Rule(lambda v: 0.0 <= v < 0.5,
-                                                        "must be in [0, 0.5)"))
-    # scale each client's change to at most this L2 norm; 0 = off
-    clip_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE)
+                                                        "must be in [0, 0.5)"),
+        doc="trimmed-mean: fraction dropped at each end, per coordinate")
+    clip_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE,
+        doc="scale each client's change to at most this L2 norm; 0 = off")
     # -- fault injection in simulations (simulations/faults.py) ---------------------------------
-    # fraction of simulated users that misbehave in training
-    fault_fraction: float = setting(0.0, "faults", HALF_OPEN_FRACTION)
-    fault_kinds: str = setting("nan,inf,shape,names,norm,crash", "faults")  # in turn
+    fault_fraction: float = setting(0.0, "faults", HALF_OPEN_FRACTION,
+        doc="fraction of simulated users that misbehave in training")
+    fault_kinds: str = setting("nan,inf,shape,names,norm,crash", "faults",
+        doc="in turn")
     # -- user-level DP on the server's aggregates (DP-FedAvg) -----------------------------
-    central_dp: bool = setting(False, "central-dp")
-    # z: noise std on each aggregate's sum is z * C
-    central_noise_multiplier: float = setting(1.0, "central-dp", FINITE_NON_NEGATIVE)
-    # C: each client's L2 change of an adapter is clipped to this
+    central_dp: bool = setting(False, "central-dp",
+        doc="user-level DP: clip each client's change, noise each aggregate")
+    central_noise_multiplier: float = setting(1.0, "central-dp", FINITE_NON_NEGATIVE,
+        doc="z: noise std on each aggregate's sum is z * C")
     clipping_norm: float = setting(0.1, "central-dp", FINITE_NON_NEGATIVE,
-                                   Rule(lambda v: v > 0, "must be > 0"))
-    # delta of the user-level epsilons; keep it << 1 / users
-    central_delta: float = setting(1e-5, "central-dp", OPEN_FRACTION)
-    # a persona expecting fewer members a round is merged
-    central_min_clients: float = setting(2.0, "central-dp", FINITE_NON_NEGATIVE)
+                                   Rule(lambda v: v > 0, "must be > 0"),
+        doc="C: each client's L2 change of an adapter is clipped to this")
+    central_delta: float = setting(1e-5, "central-dp", OPEN_FRACTION,
+        doc="delta of the user-level epsilons; keep it << 1 / users")
+    central_min_clients: float = setting(2.0, "central-dp", FINITE_NON_NEGATIVE,
+        doc="a persona expecting fewer members a round is merged")
     # -- secure aggregation (Flower's SecAgg+; server/secagg.py, client/mods/secagg.py) --------
-    # the server sees only sums of the clients' masked adapter changes
-    secagg: bool = setting(False, "secagg")
-    # shares of each client's secrets; 0 = every sampled client
+    secagg: bool = setting(False, "secagg",
+        doc="the server sees only sums of the clients' masked adapter changes")
     secagg_num_shares: int = setting(0, "secagg", Rule(
-        lambda v: v == 0 or (v >= 3 and v % 2 == 1), "must be 0 (all) or an odd number >= 3"))
-    # shares that unmask; 0 = a majority of them (checked against the shares below)
-    secagg_reconstruction_threshold: int = setting(0, "secagg")
-    # each coordinate of a change is clipped to +-this
-    secagg_clipping_range: float = setting(1.0, "secagg", FINITE_POSITIVE)
-    # 2**22 integer levels over the clipping range (Flower rounds into int32)
+        lambda v: v == 0 or (v >= 3 and v % 2 == 1), "must be 0 (all) or an odd number >= 3"),
+        doc="shares of each client's secrets; 0 = every sampled client")
+    secagg_reconstruction_threshold: int = setting(0, "secagg",
+        doc="shares that unmask; 0 = a majority of them (checked against the shares below)")
+    secagg_clipping_range: float = setting(1.0, "secagg", FINITE_POSITIVE,
+        doc="each coordinate of a change is clipped to +-this")
     secagg_quantization_range: int = setting(4194304, "secagg", Rule(
-        lambda v: 2 <= v < 2**31, "must be in [2, 2**31)"))
-    # most examples a client may weigh (a power of two: exact)
-    secagg_max_weight: int = setting(1024, "secagg", AT_LEAST_ONE)
-    # distributed DP under SecAgg+: each client adds noise std sigma / sqrt(t) (t: the
-    # reconstruction threshold, the fewest clients whose sum can be unmasked), so the sum
-    # carries the full sigma; needs one SGD step a round at a fixed dp-sample-rate
-    distributed_dp: bool = setting(False, "secagg")
+        lambda v: 2 <= v < 2**31, "must be in [2, 2**31)"),
+        doc="2**22 integer levels over the clipping range (Flower rounds into int32)")
+    secagg_max_weight: int = setting(1024, "secagg", AT_LEAST_ONE,
+        doc="most examples a client may weigh (a power of two: exact)")
+    distributed_dp: bool = setting(False, "secagg",
+        doc=("distributed DP under SecAgg+: each client adds noise std sigma / sqrt(t) (t: the "
+             "reconstruction threshold, the fewest clients whose sum can be unmasked), so the sum "
+             "carries the full sigma; needs one SGD step a round at a fixed dp-sample-rate"))
     # -- deployment (real SuperNodes; the server holds no user data) ---------------------
-    # comma-separated personas; "" = the population's (simulation)
-    persona_names: str = setting("", "user-data")
-    # clients to wait for before round 1; 0 = the simulation's users
-    min_clients: int = setting(0, "rounds", NON_NEGATIVE)
-    # seconds to wait for a round's replies; 0 = until all answer
-    round_timeout: float = setting(0.0, "rounds", FINITE_NON_NEGATIVE)
+    persona_names: str = setting("", "user-data",
+        doc="comma-separated personas; \"\" = the population's (simulation)")
+    min_clients: int = setting(0, "rounds", NON_NEGATIVE,
+        doc="clients to wait for before round 1; 0 = the simulation's users")
+    round_timeout: float = setting(0.0, "rounds", FINITE_NON_NEGATIVE,
+        doc="seconds to wait for a round's replies; 0 = until all answer")
     # -- runtime --------------------------------------------------------------------
-    # adapters, checkpoints and reports; "" = $FEDPERSONA_CACHE/runs/latest
-    run_dir: str = setting("", "output")
-    seed: int = setting(0, "runtime", Rule(lambda v: 0 <= v < 2**31, "must be in [0, 2**31)"))
-    device: str = setting("auto", "model", one_of(("auto", "cpu", "cuda")))
-    dtype: str = setting("float32", "model", one_of(DTYPES))
-    # adapters on the wire (both ways): "float32" or "float16"
-    transport_dtype: str = setting("float32", "runtime", one_of(TRANSPORT_DTYPES))
-    # test records per user used in evaluation
-    eval_max_records: int = setting(16, "output", NON_NEGATIVE)
-    # users evaluated after every round (the same each round); 0 = off
-    round_eval_users: int = setting(8, "output", NON_NEGATIVE)
+    run_dir: str = setting("", "output",
+        doc="adapters, checkpoints and reports; \"\" = $FEDPERSONA_CACHE/runs/latest")
+    seed: int = setting(0, "runtime", Rule(lambda v: 0 <= v < 2**31, "must be in [0, 2**31)"),
+        doc="the run's public seed (adapter initialisation, sampling)")
+    device: str = setting("auto", "model", one_of(("auto", "cpu", "cuda")),
+        doc="\"auto\", \"cpu\" or \"cuda\"")
+    dtype: str = setting("float32", "model", one_of(DTYPES),
+        doc="\"float32\" or \"bfloat16\"")
+    transport_dtype: str = setting("float32", "runtime", one_of(TRANSPORT_DTYPES),
+        doc="adapters on the wire (both ways): \"float32\" or \"float16\"")
+    eval_max_records: int = setting(16, "output", NON_NEGATIVE,
+        doc="test records per user used in evaluation")
+    round_eval_users: int = setting(8, "output", NON_NEGATIVE,
+        doc="users evaluated after every round (the same each round); 0 = off")
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -268,6 +293,13 @@ class RunConfig:
         input: what the instruction digest does (or does not) hash."""
         return frozenset(_kebab(spec.name) for spec in dataclasses.fields(cls)
                          if SECTIONS[spec.metadata["section"]].training_input == training_input)
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """Every setting: its key, section, default and description, in order."""
+        return [{"key": _kebab(spec.name), "section": spec.metadata["section"],
+                 "default": spec.default, "doc": spec.metadata["doc"]}
+                for spec in dataclasses.fields(cls)]
 
     def _check_personas(self) -> None:
         if self.personas.startswith(DISCOVERED_PREFIX):
@@ -405,8 +437,11 @@ class RunConfig:
         for key, raw in values.items():
             name = key.replace("-", "_")
             if name not in fields:
-                raise ConfigError(f"unknown setting {key!r} (known: "
-                                  f"{', '.join(_kebab(n) for n in fields)})")
+                close = difflib.get_close_matches(_kebab(name), [_kebab(n) for n in fields],
+                                                  n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(close)}?" if close else "not a setting"
+                raise ConfigError(f"unknown setting {key!r} ({hint} 'fedpersona config' "
+                                  "lists every setting)")
             kwargs[name] = _coerce(key, raw, type(getattr(cls, name)))
         return cls(**kwargs)
 

@@ -43,7 +43,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpersona", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fedpersona {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="every run setting: default and meaning")
+    config.add_argument("--section", help="only this section's settings")
 
     data = commands.add_parser("data", help="write a population in the on-device format")
     sources = data.add_subparsers(dest="source", required=True)
@@ -99,14 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="context budget of the in-context baselines, in tokens")
 
     generate = commands.add_parser("generate", help="generate text for a user (cold-start aware)")
-    generate.add_argument("--run", required=True, type=Path)
-    generate.add_argument("--user-dir", required=True, type=Path)
-    generate.add_argument("--explain", action="store_true", help="say which adapters serve, why")
-    generate.add_argument("--max-new-tokens", type=int, default=40)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--context-tokens", type=int, default=448,
-                          help="the user's most recent lines before the prompt, in tokens "
-                               "(0: none)")
+    chat = commands.add_parser("chat", help="generate for a user, prompt after prompt, with the "
+                                            "model loaded once")
+    for serving in (generate, chat):
+        serving.add_argument("--run", required=True, type=Path, help="a finished run directory")
+        who = serving.add_mutually_exclusive_group(required=True)
+        who.add_argument("--user", help="a user of the run's population, by id (e.g. "
+                                        "hamlet--hamlet)")
+        who.add_argument("--user-dir", type=Path, help="a user's directory on the device")
+        serving.add_argument("--level", choices=("base", "global", "global+persona",
+                                                 "global+persona+user"),
+                             help="serve this stack instead of the one the user's held-out "
+                                  "lines choose")
+        serving.add_argument("--explain", action="store_true",
+                             help="say which adapters serve, and why")
+        serving.add_argument("--max-new-tokens", type=int, default=40)
+        serving.add_argument("--temperature", type=float, default=0.0,
+                             help="0: greedy; above 0: sampled")
+        serving.add_argument("--seed", type=int, default=0, help="the sampling seed")
+        serving.add_argument("--context-tokens", type=int, default=448,
+                             help="the user's most recent lines before the prompt, in tokens "
+                                  "(0: none)")
     generate.add_argument("prompt")
 
     export = commands.add_parser(
@@ -224,7 +241,39 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedpersona")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
+def _config(args: argparse.Namespace) -> int:
+    from shared.config import SECTIONS, RunConfig
+    from shared.util.tables import markdown_table
+
+    if args.section and args.section not in SECTIONS:
+        raise UserFacingError(f"unknown section {args.section!r}; sections: "
+                              f"{', '.join(SECTIONS)}")
+    settings = RunConfig.describe()
+    for name, section in SECTIONS.items():
+        if args.section and name != args.section:
+            continue
+        rows = [{"setting": s["key"], "default": json.dumps(s["default"]), "meaning": s["doc"]}
+                for s in settings if s["section"] == name]
+        print(f"## {name}: {section.doc}"
+              + ("" if section.training_input else " (not a training input)") + "\n")
+        print(markdown_table(rows) + "\n")
+    print("Set any of them in [tool.flwr.app.config] of pyproject.toml or as key=value "
+          "after a command, e.g. fedpersona simulate num-rounds=3")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        return _config(args)
     if args.command == "data":
         return _data(args)
     if args.command == "simulate":
@@ -237,7 +286,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_compare_command(args.out, args.variants, args.settings)
     if args.command == "evaluate":
         return _evaluate(args)
-    if args.command == "generate":
+    if args.command in ("generate", "chat"):
         return _generate(args)
     if args.command == "export":
         return _export(args)
@@ -389,28 +438,62 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from client.serving.generate import generate_text, serve_user
+    """``generate`` (one prompt) and ``chat`` (a prompt per line of input, the model loaded
+    once): what the device serves its user with."""
+    from client.serving.generate import force_level, generate_text, serve_user
     from shared.config import ConfigError
     from simulations.run.evaluate import RunEvaluator, load_run_config
 
-    if not args.prompt.strip():
+    if args.command == "generate" and not args.prompt.strip():
         raise ConfigError("the prompt is empty: give the text to continue")
     _check_at_least(args, max_new_tokens=1, context_tokens=0, temperature=0)
-    evaluator = RunEvaluator(args.run, load_run_config(args.run))
-    serving = serve_user(evaluator, args.user_dir, context_tokens=args.context_tokens)
-    if args.explain:
+    cfg = load_run_config(args.run)
+    user_dir = args.user_dir or _user_dir_by_name(cfg, args.user)
+    evaluator = RunEvaluator(args.run, cfg)
+    serving = serve_user(evaluator, user_dir, context_tokens=args.context_tokens)
+    if args.level:
+        serving = force_level(serving, args.level)
+    if args.explain or args.command == "chat":
         choice = serving.choice
         print(f"served by: {choice.served_by}; adapters: {serving.stack.name}"
               + (f" (persona {choice.persona})" if choice.persona else ""))
         print(f"why: {choice.reason}")
-        if serving.stack.held_out_loss:
+        if args.level:
+            print(f"stack: {args.level}, as --level asks")
+        elif serving.stack.held_out_loss:
             losses = ", ".join(f"{k} {v:.3f}" for k, v in serving.stack.held_out_loss.items())
             print(f"stack: the lowest loss on the user's {serving.stack.held_out_records} "
                   f"held-out lines under the recent context ({losses})")
         print(f"context: the user's latest lines, up to {args.context_tokens} tokens")
-    print(generate_text(evaluator, serving, args.prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature))
+
+    def answer(prompt: str) -> str:
+        return generate_text(evaluator, serving, prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, seed=args.seed)
+
+    if args.command == "generate":
+        print(answer(args.prompt))
+        return 0
+    print("one prompt per line; an empty line or end of input stops", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(answer(line.rstrip("\n")), flush=True)
     return 0
+
+
+def _user_dir_by_name(cfg, name: str) -> Path:
+    """A user of the run's population by id (the simulation's devices live there)."""
+    import difflib
+
+    from shared.data.federation import load_run_population
+
+    population = load_run_population(cfg)
+    ids = [entry.user_id for entry in population.users]
+    if name not in ids:
+        close = difflib.get_close_matches(name, ids, n=3, cutoff=0.4)
+        raise UserFacingError(f"no user {name!r} in the run's population ({population.root})"
+                              + (f"; did you mean {' or '.join(close)}?" if close else ""))
+    return population.user_dir(name)
 
 
 def _export(args: argparse.Namespace) -> int:

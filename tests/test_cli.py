@@ -165,3 +165,47 @@ def test_user_errors_that_were_bare_value_errors_are_still_one_line(args, messag
     err = capsys.readouterr().err
     assert code == 1 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "certs").exists()  # refused before anything was written
+
+
+# -- conventions a CLI user expects -------------------------------------------------------
+
+
+def test_version_names_the_package(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("fedpersona ")
+
+
+def test_an_unknown_setting_suggests_the_closest_ones(capsys):
+    assert main(["simulate", "num-round=3"]) == 1
+
+    err = capsys.readouterr().err
+    assert "unknown setting 'num-round' (did you mean num-rounds" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_config_lists_every_setting_with_its_default_and_meaning(capsys):
+    import dataclasses
+
+    from shared.config import RunConfig
+
+    assert main(["config"]) == 0
+
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "setting" not in line]
+    assert len(rows) == len(dataclasses.fields(RunConfig))
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:4]] for row in rows}
+    assert cells["num-rounds"] == ["5", "federated rounds"]
+    assert cells["dp"][0] == "true" and cells["model"][0] == '"smollm2"'
+    assert all(meaning for _, meaning in cells.values())
+    assert main(["config", "--section", "nope"]) == 1
+
+
+def test_more_clients_per_round_than_users_is_said():
+    from shared.config import RunConfig
+    from simulations.run.simulate import sampling_note
+
+    assert "samples all 2" in sampling_note(RunConfig(clients_per_round=100), 2)
+    assert sampling_note(RunConfig(clients_per_round=2), 2) is None

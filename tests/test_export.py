@@ -138,6 +138,8 @@ def test_the_export_computes_the_stack_and_its_manifest_names_what_went_in(tiny_
     assert "never released" in manifest["privacy"]["user_level"]
     assert manifest["check"]["max_abs_logit_diff"] < 1e-5
     assert manifest["merged"] is None
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "tiny"
 
 
 def test_a_merged_model_directory_computes_the_global_stack(tiny_run, tmp_path):
@@ -221,3 +223,8 @@ def test_the_export_computes_the_stack_on_smollm2(tmp_path):
     assert check["max_abs_logit_diff"] <= 2 * check["reordered_stack_diff"] + 1e-5, check
     assert check["tokens"] > 10 and check["max_abs_logit"] > 1.0
     assert manifest["base_model"]["sha256"] and manifest["adapter"]["rank"] == 8
+    # every adapter names a base model someone else can find: the GGUF's origin
+    from shared.model.base import EMBEDDED_ORIGIN
+    for path in (tmp_path / "export" / "adapter", run / "adapters" / "global"):
+        saved = json.loads((path / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == EMBEDDED_ORIGIN, path

@@ -33,9 +33,16 @@ class AdapterChoice:
 def choose_adapters(*, has_user_adapter: bool, declared_persona: str | None,
                     known_personas: tuple[str, ...] | list[str],
                     persona_losses: Mapping[str, float] | None = None,
-                    global_loss: float | None = None) -> AdapterChoice:
+                    global_loss: float | None = None,
+                    untrained_personas: tuple[str, ...] | frozenset[str] = ()) -> AdapterChoice:
     """Apply the fallback order. ``persona_losses`` maps persona -> mean loss of
-    global+persona on the user's examples; ``global_loss`` is global alone."""
+    global+persona on the user's examples; ``global_loss`` is global alone.
+    ``untrained_personas`` (adapters no round ever trained: they would serve the base
+    model's output under another name) are never served, and a user who declares one
+    is told so."""
+    known_personas = [p for p in known_personas if p not in untrained_personas]
+    persona_losses = None if persona_losses is None else {
+        p: v for p, v in persona_losses.items() if p not in untrained_personas}
     declared = declared_persona if declared_persona in known_personas else None
     if has_user_adapter:
         persona = declared or _best(persona_losses, global_loss)
@@ -46,7 +53,9 @@ def choose_adapters(*, has_user_adapter: bool, declared_persona: str | None,
     if declared:
         return AdapterChoice(("global", "persona"), declared, SERVED_DECLARED,
                              f"the profile declares persona {declared!r}")
-    ignored = (f"declared persona {declared_persona!r} is unknown to the server; "
+    ignored = (f"persona {declared_persona!r} never trained (its adapter is untouched), so "
+               "it is not served; " if declared_persona in untrained_personas else
+               f"declared persona {declared_persona!r} is unknown to the server; "
                if declared_persona and not declared else "")
     best = _best(persona_losses, global_loss)
     if best is not None:

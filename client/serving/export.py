@@ -29,7 +29,7 @@ from peft import PeftModel
 from client.serving.run_adapters import RunAdapters
 from client.store import DeviceStore
 from shared.model.adapters import ADAPTER_WEIGHTS, activate, level_state, lora_config, save_adapter
-from shared.model.base import load_base_model, resolve_model
+from shared.model.base import base_model_name, load_base_model, resolve_model
 from shared.model.stack import concatenate, lora_scaling
 from shared.util.atomic import write_json_atomic
 
@@ -77,7 +77,7 @@ def export_stack(adapters: RunAdapters, out: Path, *, persona: str | None = None
     stacked = concatenate([(level_state(runtime.model, level), scaling) for level in levels])
     rank = runtime.lora.r * len(levels)
     config = lora_config(rank=rank, alpha=float(rank), targets=cfg.lora_target_modules,
-                         base_model_name=cfg.model)
+                         base_model_name=base_model_name(cfg.model))
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(out / ADAPTER_DIR, stacked, config)
 

@@ -5,13 +5,13 @@ user's most recent lines."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from client.serving.coldstart import AdapterChoice, choose_adapters
-from client.serving.stack import ServedStack, candidates, serve_for_config
+from client.serving.stack import ServedStack, candidates, serve_for_config, stack_name
 from client.store import DeviceStore
 from shared.config import ConfigError
 from shared.data.userdata import Record, load_user
@@ -43,14 +43,15 @@ def choose_for_user(evaluator, user_dir: Path, *, shots: int = MAX_SHOTS) -> Ada
     """
     user = load_user(user_dir, allow_empty=True)
     user_state = DeviceStore(user_dir, evaluator.cfg.federation_key).load_user_adapter()
-    known = tuple(evaluator.persona_states)
+    known = tuple(p for p in evaluator.persona_states if p not in evaluator.untrained_personas)
     losses, global_loss = None, None
     declared = user.profile.persona if user.profile.persona in known else None
     if not declared and user.train and shots:
         losses, global_loss = evaluator.fit_losses(user.train[:shots])
     choice = choose_adapters(has_user_adapter=user_state is not None,
                              declared_persona=user.profile.persona, known_personas=known,
-                             persona_losses=losses, global_loss=global_loss)
+                             persona_losses=losses, global_loss=global_loss,
+                             untrained_personas=evaluator.untrained_personas)
     evaluator.load(persona=choice.persona, user_state=user_state)
     return choice
 
@@ -69,6 +70,19 @@ def serve_user(evaluator, user_dir: Path, *, context_tokens: int) -> Serving:
         lambda data, levels: evaluator.stats(data, levels, batch_size=4),
         evaluator.runtime.tokenizer, context_tokens=context_tokens)
     return Serving(choice, stack, tuple(reversed(train)), context_tokens)
+
+
+def force_level(serving: Serving, level: str) -> Serving:
+    """``serving`` with the stack named ``level`` instead of the one the held-out lines
+    chose; only a stack of the adapters the fallback loaded (a persona only when one
+    was chosen, the user level only when the device has one)."""
+    levels = () if level == "base" else tuple(level.split("+"))
+    allowed = candidates(has_persona=serving.choice.persona is not None,
+                         has_user="user" in serving.choice.levels)
+    if levels not in allowed:
+        raise ConfigError(f"--level {level}: this user has no such stack (can serve "
+                          f"{', '.join(stack_name(c) for c in allowed)})")
+    return replace(serving, stack=ServedStack(levels, {}, 0))
 
 
 @torch.no_grad()

@@ -28,6 +28,10 @@ class RunAdapters:
         persona_root = self.run_dir / "adapters" / "persona"
         self.persona_states = {p.name: load_adapter_state(p) for p in sorted(
             persona_root.iterdir())} if persona_root.is_dir() else {}
+        # B is initialised to zero: an adapter whose every B is still zero never trained
+        self.untrained_personas = frozenset(
+            p for p, state in self.persona_states.items()
+            if not any(bool(t.any()) for k, t in state.items() if "lora_B" in k))
 
     def encode(self, records) -> EncodedRecords:
         return encode_records(records, self.runtime.tokenizer, self.cfg.seq_len)

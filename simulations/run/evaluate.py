@@ -374,14 +374,14 @@ def _cold_start(ev: RunEvaluator, population, users, k: int) -> dict:
         out["base"][entry.user_id] = ev.stats(data, ())
         out["global"][entry.user_id] = ev.stats(data, ("global",))
         zero = choose_adapters(has_user_adapter=False, declared_persona=user.profile.persona,
-                               known_personas=known)
+                               known_personas=known, untrained_personas=ev.untrained_personas)
         ev.load(persona=zero.persona)
         out["persona_fallback_0shot"][entry.user_id] = ev.stats(data, zero.levels)
         # k-shot: the first k training records decide, without any declared label
         losses, global_loss = ev.fit_losses(user.train[:k])
         few = choose_adapters(has_user_adapter=False, declared_persona=None,
                               known_personas=known, persona_losses=losses,
-                              global_loss=global_loss)
+                              global_loss=global_loss, untrained_personas=ev.untrained_personas)
         ev.load(persona=few.persona)
         out["persona_fallback_kshot"][entry.user_id] = ev.stats(data, few.levels)
         choices[entry.user_id] = {"declared": user.profile.persona, "kshot": few.persona,

@@ -74,6 +74,9 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     progress(f"population: {num_users} training users of {len(population.users)} "
              f"({population.root}); model {cfg.model}; {cfg.num_rounds} rounds of "
              f"{min(cfg.clients_per_round, num_users)} clients")
+    note = sampling_note(cfg, num_users)
+    if note:
+        progress(note)
     outcome: dict = {}
 
     server_app = ServerApp()
@@ -105,6 +108,14 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
             run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k,
             progress=progress))
     return report
+
+
+def sampling_note(cfg: RunConfig, num_users: int) -> str | None:
+    """A warning when ``clients-per-round`` cannot mean what it says, else ``None``."""
+    if cfg.clients_per_round > num_users:
+        return (f"warning: clients-per-round = {cfg.clients_per_round} but the run has "
+                f"{num_users} training users: every round samples all {num_users}")
+    return None
 
 
 def finish_report(run_dir: Path, report: dict, evaluation: dict) -> dict:
