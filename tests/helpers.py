@@ -142,3 +142,33 @@ def fit_persona(model: PeftModel, records, start: dict, *, steps: int = 10, lr: 
         optimizer.step()
     activate(model, ("global", "persona"))
     return level_state(model, "persona")
+
+
+def write_finished_run(tmp: Path, *, trained_personas=("a", "b"), untrained_personas=(),
+                       report: dict | None = None):
+    """A finished tiny run written by hand over :func:`small_config`'s population: random
+    global and ``trained_personas`` adapters, ``untrained_personas`` at their initial
+    (all-zero B) state, ``report.json`` (the config plus ``report``), and user u1's own
+    adapter on its device. Returns ``(cfg, run_dir)``."""
+    import json
+
+    from client.store import DeviceStore
+    from shared.data.federation import load_run_population
+    from shared.model.adapters import save_adapter
+
+    cfg = small_config(tmp)
+    runtime = get_runtime(cfg)
+    run = tmp / "run"
+    save_adapter(run / "adapters" / "global",
+                 randomize_level(runtime.model, "global", scale=0.05, seed=1), tiny_lora())
+    for seed, persona in enumerate(trained_personas, start=2):
+        save_adapter(run / "adapters" / "persona" / persona,
+                     randomize_level(runtime.model, "persona", scale=0.05, seed=seed),
+                     tiny_lora())
+    for persona in untrained_personas:
+        save_adapter(run / "adapters" / "persona" / persona, runtime.initial["persona"],
+                     tiny_lora())
+    (run / "report.json").write_text(json.dumps({"config": cfg.to_flower(), **(report or {})}))
+    DeviceStore(load_run_population(cfg).user_dir("u1"), cfg.federation_key).save_user_adapter(
+        randomize_level(runtime.model, "user", scale=0.05, seed=9), tiny_lora())
+    return cfg, run

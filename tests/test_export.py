@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import RANK, randomize_level, small_config, tiny_lora
+from helpers import RANK, randomize_level, write_finished_run
 from peft import PeftModel
 
 from client.store import DeviceStore
@@ -64,26 +64,11 @@ def test_lora_scaling_follows_peft():
 def tiny_run(tmp_path_factory):
     """A finished tiny run by hand: random global and persona adapters, a report, and user
     u1's own adapter in its device store."""
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = small_config(tmp)
-    runtime = get_runtime(cfg)
-    run = tmp / "run"
-    save_adapter(run / "adapters" / "global",
-                 randomize_level(runtime.model, "global", scale=0.05, seed=1), tiny_lora())
-    for seed, persona in ((2, "a"), (3, "b")):
-        save_adapter(run / "adapters" / "persona" / persona,
-                     randomize_level(runtime.model, "persona", scale=0.05, seed=seed),
-                     tiny_lora())
     privacy = {"dp": True, "accountant": "prv", "mechanism": "local", "delta": 1e-5,
                "target_epsilon": 8.0, "epsilon_max": 5.3, "epsilon_per_user": {"u1": 5.3}}
-    (run / "report.json").write_text(json.dumps({
-        "config": cfg.to_flower(), "privacy": privacy,
-        "user_level_privacy": {"central_dp": False}}))
-    user_dir = load_run_population(cfg).user_dir("u1")
-    store = DeviceStore(user_dir, cfg.federation_key)
-    store.save_user_adapter(randomize_level(runtime.model, "user", scale=0.05, seed=4),
-                            tiny_lora())
-    return cfg, run, user_dir
+    cfg, run = write_finished_run(tmp_path_factory.mktemp("export"), report={
+        "privacy": privacy, "user_level_privacy": {"central_dp": False}})
+    return cfg, run, load_run_population(cfg).user_dir("u1")
 
 
 def _stack_logits(cfg, run, persona, user_dir, ids):

@@ -4,16 +4,11 @@ stack, a seed), and untrained persona adapters never presented as serving."""
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
-from helpers import randomize_level, small_config, tiny_lora
+from helpers import write_finished_run
 
 from client.serving.coldstart import SERVED_FITTED, SERVED_GLOBAL, choose_adapters
-from client.store import DeviceStore
-from shared.data.federation import load_run_population
-from shared.model.adapters import save_adapter
-from shared.model.runtime import get_runtime
 from simulations.cli import main
 
 
@@ -21,19 +16,8 @@ from simulations.cli import main
 def tiny_run(tmp_path_factory):
     """A finished tiny run: a trained global and persona "a", persona "b" never trained
     (its B all zero, as initialised), and user u1's own adapter on its device."""
-    tmp = tmp_path_factory.mktemp("serving-cli")
-    cfg = small_config(tmp)
-    runtime = get_runtime(cfg)
-    run = tmp / "run"
-    save_adapter(run / "adapters" / "global",
-                 randomize_level(runtime.model, "global", scale=0.05, seed=1), tiny_lora())
-    save_adapter(run / "adapters" / "persona" / "a",
-                 randomize_level(runtime.model, "persona", scale=0.05, seed=2), tiny_lora())
-    save_adapter(run / "adapters" / "persona" / "b", runtime.initial["persona"], tiny_lora())
-    (run / "report.json").write_text(json.dumps({"config": cfg.to_flower()}))
-    DeviceStore(load_run_population(cfg).user_dir("u1"), cfg.federation_key).save_user_adapter(
-        randomize_level(runtime.model, "user", scale=0.05, seed=3), tiny_lora())
-    return cfg, run
+    return write_finished_run(tmp_path_factory.mktemp("serving-cli"), trained_personas=("a",),
+                              untrained_personas=("b",))
 
 
 def test_an_untrained_persona_is_never_chosen_and_its_user_is_told():
