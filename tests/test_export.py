@@ -72,9 +72,9 @@ def tiny_run(tmp_path_factory):
 
 
 def _stack_logits(cfg, run, persona, user_dir, ids):
-    from simulations.run.evaluate import RunEvaluator
+    from client.serving.run_adapters import RunAdapters
 
-    adapters = RunEvaluator(run, cfg)
+    adapters = RunAdapters(run, cfg)
     user = DeviceStore(user_dir, cfg.federation_key).load_user_adapter() if user_dir else None
     adapters.load(persona=persona, user_state=user)
     levels = ("global", "persona", "user")[:1 + bool(persona) + bool(user_dir)]
@@ -167,10 +167,10 @@ def test_export_refuses_what_it_cannot_do_in_one_line_and_overwrites_nothing(
 def test_the_export_of_a_stack_changes_no_slot_the_caller_relies_on(tiny_run, tmp_path):
     # the run's adapters object is left with global only in its slots, user slot clean
     from client.serving.export import export_stack
-    from simulations.run.evaluate import RunEvaluator
+    from client.serving.run_adapters import RunAdapters
 
     cfg, run, user_dir = tiny_run
-    adapters = RunEvaluator(run, cfg)
+    adapters = RunAdapters(run, cfg)
     export_stack(adapters, tmp_path / "x", persona="b", user_dir=user_dir)
 
     runtime = adapters.runtime
@@ -184,8 +184,8 @@ def test_the_export_of_a_stack_changes_no_slot_the_caller_relies_on(tiny_run, tm
 @pytest.mark.real_model
 def test_the_export_computes_the_stack_on_smollm2(tmp_path):
     from client.serving.export import export_stack
+    from client.serving.run_adapters import RunAdapters
     from shared.config import RunConfig
-    from simulations.run.evaluate import RunEvaluator
 
     # Arrange: a run of the real model with trained-looking global and persona adapters
     cfg = RunConfig(model="smollm2", lora_rank=4, lora_alpha=8.0, seed=0,
@@ -198,7 +198,7 @@ def test_the_export_computes_the_stack_on_smollm2(tmp_path):
                  randomize_level(runtime.model, "persona", scale=0.02, seed=2), runtime.lora)
 
     # Act
-    manifest = export_stack(RunEvaluator(run, cfg), tmp_path / "export", persona="comedies")
+    manifest = export_stack(RunAdapters(run, cfg), tmp_path / "export", persona="comedies")
 
     # Assert: the export's float32 logits within 1e-5 of the stack's, relative to their
     # size (the manifest's own check, on the probe text; one float32 step at a logit of 32

@@ -33,10 +33,10 @@ def test_an_untrained_persona_is_never_chosen_and_its_user_is_told():
 
 
 def test_run_adapters_know_which_personas_never_trained(tiny_run):
-    from simulations.run.evaluate import RunEvaluator
+    from client.serving.run_adapters import RunAdapters
 
     cfg, run = tiny_run
-    assert RunEvaluator(run, cfg).untrained_personas == frozenset({"b"})
+    assert RunAdapters(run, cfg).untrained_personas == frozenset({"b"})
 
 
 def test_generate_names_a_user_by_id_and_says_an_untrained_persona_does_not_serve(
@@ -80,16 +80,16 @@ def test_generate_refuses_an_unknown_user_or_a_stack_the_user_lacks(tiny_run, ca
 
 def test_chat_answers_each_line_with_the_model_loaded_once(tiny_run, capsys, monkeypatch):
     _, run = tiny_run
-    loads = []
-    import simulations.run.evaluate as evaluation
+    from client.serving.run_adapters import RunAdapters
 
-    real = evaluation.RunEvaluator.__init__
+    loads = []
+    real = RunAdapters.__init__
 
     def counting(self, *args, **kwargs):
         loads.append(1)
         real(self, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation.RunEvaluator, "__init__", counting)
+    monkeypatch.setattr(RunAdapters, "__init__", counting)
     monkeypatch.setattr("sys.stdin", io.StringIO("ab ab\nba ba\n\nnever read\n"))
 
     assert main(["chat", "--run", str(run), "--user", "u1", "--max-new-tokens", "3"]) == 0

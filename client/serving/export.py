@@ -17,7 +17,6 @@ largest difference.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -173,6 +172,3 @@ def _merge(adapters: RunAdapters, adapter: Path, target: Path) -> None:
         runtime.tokenizer.save_pretrained(staging)
     staging.rename(target)
 
-
-def read_manifest(out: Path) -> dict:
-    return json.loads((Path(out) / MANIFEST).read_text())

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from client.serving.run_adapters import RunAdapters
 from client.store import DeviceStore
 from shared.data.federation import load_run_population, training_users
 from shared.data.userdata import Record, load_user
 from shared.util.atomic import write_json_atomic
 from simulations.audit.canaries import canary_text, candidate_secrets
 from simulations.audit.plant import AuditSetupError, load_holdout, load_plan
-from simulations.run.evaluate import RunEvaluator, load_run_config
+from simulations.run.evaluate import load_run_config
 
 SCORES_FILE = "audit/scores.json"
 
@@ -55,7 +56,7 @@ def score_run(run_dir: Path, *, candidates: int = 1000,
     population = load_run_population(cfg)
     plan = load_plan(population.root)
     holdout = load_holdout(population.root)
-    ev = RunEvaluator(run_dir, cfg)
+    ev = RunAdapters(run_dir, cfg)
     persona_of = {e.user_id: _persona(ev, population, e) for e in training_users(population, cfg)}
     canary_texts = {c.text for c in plan.canaries}
 
@@ -107,7 +108,7 @@ def score_run(run_dir: Path, *, candidates: int = 1000,
             "seconds": round(time.monotonic() - started, 1)}
 
 
-def _persona(ev: RunEvaluator, population, entry) -> str | None:
+def _persona(ev: RunAdapters, population, entry) -> str | None:
     if ev.cfg.discovered_k:
         cluster = DeviceStore(population.user_dir(entry.user_id),
                               ev.cfg.federation_key).load_state().get("cluster", -1)

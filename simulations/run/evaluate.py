@@ -69,10 +69,6 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_mapping(settings)
 
 
-# the evaluation holds a run's adapters as a device does
-RunEvaluator = RunAdapters
-
-
 LOCAL_IN_CONTEXT = "in-context-recent (local-only)"
 SERVED = "served (federated)"
 # what a user can do without any federation (the served gain's baseline is the best)
@@ -118,7 +114,7 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
                     if u.user_id in trained_ids)
     if leaked:  # before any work
         raise EvaluationError(f"cold-start user(s) took part in training: {', '.join(leaked)}")
-    ev = RunEvaluator(run_dir, cfg)
+    ev = RunAdapters(run_dir, cfg)
 
     if include_levels:
         progress(f"levels on {len(trained)} training users")
@@ -146,7 +142,7 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
     return result
 
 
-def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenStats]]:
+def _levels(ev: RunAdapters, population, trained) -> dict[str, dict[str, TokenStats]]:
     """``level -> user -> stats``: each training user under the run's adapters and its own
     user adapter, as its device would serve it."""
     levels: dict[str, dict[str, TokenStats]] = {}
@@ -163,7 +159,7 @@ def _levels(ev: RunEvaluator, population, trained) -> dict[str, dict[str, TokenS
     return levels
 
 
-def _load_served(ev: RunEvaluator, population,
+def _load_served(ev: RunAdapters, population,
                  entry: PopulationEntry) -> tuple[str | None, bool]:
     """Load the stack this user's device serves (the run's global, its persona or the
     cluster it chose last, its own user adapter); return the persona's name and whether
@@ -178,7 +174,7 @@ def _load_served(ev: RunEvaluator, population,
     return persona, user_state is not None
 
 
-def _baselines(ev: RunEvaluator, population, trained, *, baseline_users: int,
+def _baselines(ev: RunAdapters, population, trained, *, baseline_users: int,
                centralized_steps: int | None, context_tokens: int, full: bool,
                progress: Callable[[str], None]
                ) -> tuple[dict[str, dict[str, TokenStats]], list[str], dict[str, str]]:
@@ -262,7 +258,7 @@ def user_seed(seed: int, user_id: str, purpose: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _local_only(ev: RunEvaluator, user, entry: PopulationEntry, *, rounds: int,
+def _local_only(ev: RunAdapters, user, entry: PopulationEntry, *, rounds: int,
                 steps: int, final_steps: int, context: EncodedRecords | None = None
                 ) -> tuple[TokenStats, TokenStats | None]:
     """The user alone at home, no DP (nothing leaves the device): from clean slots, its
@@ -283,7 +279,7 @@ def _local_only(ev: RunEvaluator, user, entry: PopulationEntry, *, rounds: int,
             ev.stats(context, LEVELS, batch_size=4) if context is not None else None)
 
 
-def _context_data(ev: RunEvaluator, user, context_tokens: int, *,
+def _context_data(ev: RunAdapters, user, context_tokens: int, *,
                   retrieve: bool = False) -> EncodedRecords:
     """The user's (evaluated) test lines, each after its training lines as context."""
     cfg = ev.cfg
@@ -292,7 +288,7 @@ def _context_data(ev: RunEvaluator, user, context_tokens: int, *,
                            context_tokens=context_tokens, retrieve=retrieve)
 
 
-def _in_context(ev: RunEvaluator, population, entry: PopulationEntry, context_tokens: int,
+def _in_context(ev: RunAdapters, population, entry: PopulationEntry, context_tokens: int,
                 *, full: bool) -> tuple[dict[str, TokenStats], str]:
     """The user's test records after their own training records, under the base model,
     the run's global adapter and (``full``) the device's whole stack
@@ -322,7 +318,7 @@ def _in_context(ev: RunEvaluator, population, entry: PopulationEntry, context_to
     return rows, served.name
 
 
-def _local_only_dp(ev: RunEvaluator, population, entry: PopulationEntry) -> TokenStats:
+def _local_only_dp(ev: RunAdapters, population, entry: PopulationEntry) -> TokenStats:
     """The old strawman: the user trains a fresh global-shaped adapter alone, with the
     run's DP setting and the DP steps it spent in the run."""
     cfg = ev.cfg
@@ -339,7 +335,7 @@ def _local_only_dp(ev: RunEvaluator, population, entry: PopulationEntry) -> Toke
     return ev.stats(ev.test_data(user), ("global",))
 
 
-def _centralized(ev: RunEvaluator, population, trained, evaluated, steps: int | None) -> dict:
+def _centralized(ev: RunAdapters, population, trained, evaluated, steps: int | None) -> dict:
     """Non-private LoRA on all training users' records pooled (same adapter shape),
     evaluated on the ``evaluated`` users."""
     cfg = ev.cfg
@@ -362,7 +358,7 @@ def _centralized(ev: RunEvaluator, population, trained, evaluated, steps: int | 
                                 ("global",)) for e in evaluated}
 
 
-def _cold_start(ev: RunEvaluator, population, users, k: int) -> dict:
+def _cold_start(ev: RunAdapters, population, users, k: int) -> dict:
     out: dict[str, dict[str, TokenStats]] = {
         "base": {}, "global": {}, "persona_fallback_0shot": {}, "persona_fallback_kshot": {}}
     choices = {}
