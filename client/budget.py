@@ -23,10 +23,11 @@ class RoundBudget:
 
 
 def round_mechanisms(cfg: RunConfig, ledger: PrivacyLedger, rate: float,
-                     private_choice: bool) -> RoundBudget:
+                     private_choice: bool, federation: str = "") -> RoundBudget:
     """This round's DP-SGD settings and accountant entries. With ``planned-rounds`` the
-    noise multiplier is the smallest that leaves enough for the device's remaining
-    planned rounds (:func:`shared.privacy.accounting.calibrate_noise`), from public inputs only."""
+    noise multiplier is the smallest that leaves enough of the device's budget (spent
+    over every federation) for its remaining planned rounds in ``federation``
+    (:func:`shared.privacy.accounting.calibrate_noise`), from public inputs only."""
     if not cfg.dp:
         return RoundBudget(DPSettings(False, cfg.noise_multiplier, cfg.max_grad_norm), [], 0.0)
 
@@ -38,7 +39,8 @@ def round_mechanisms(cfg: RunConfig, ledger: PrivacyLedger, rate: float,
     sigma = cfg.noise_multiplier
     if cfg.planned_rounds:
         sigma = calibrate_noise(ledger.history, per_round,
-                                rounds_left=max(1, cfg.planned_rounds - ledger.rounds),
+                                rounds_left=max(1, cfg.planned_rounds
+                                                - ledger.rounds_in(federation)),
                                 target_epsilon=ledger.target_epsilon, delta=ledger.target_delta,
                                 accountant=ledger.accountant)
         if sigma is None:

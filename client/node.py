@@ -10,8 +10,10 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from client.store import DeviceStore
 from shared.config import RunConfig
 from shared.data.federation import load_run_population, training_users
+from shared.data.userdata import load_profile
 
 
 def resolve_user(context: Context, cfg: RunConfig) -> tuple[Path, int]:
@@ -25,3 +27,11 @@ def resolve_user(context: Context, cfg: RunConfig) -> tuple[Path, int]:
         raise ValueError(f"partition-id {partition} but the run has {len(users)} users: set "
                          f"num-supernodes to {len(users)}")
     return population.user_dir(users[partition].user_id), partition
+
+
+def node_store(cfg: RunConfig, user_dir: Path, user_index: int) -> DeviceStore:
+    """Where this node keeps its ledger and state: with the run for a simulated device
+    (``user_index >= 0``), on the device itself otherwise (:mod:`client.store`)."""
+    if user_index >= 0:
+        return DeviceStore.simulated(cfg, load_profile(user_dir).user_id, user_dir)
+    return DeviceStore.on_device(user_dir, cfg.federation_key)

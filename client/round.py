@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.budget import loss_noise, released_lr, round_mechanisms
 from client.discovery import choose_cluster, cluster_states, selection_entry
-from client.node import resolve_user
+from client.node import node_store, resolve_user
 from client.replay import NOT_TRAINING_INPUTS, Replay, content_digest
 from client.store import DeviceStore, device_secret
 from client.trainer import (
@@ -63,13 +64,21 @@ class Device:
     user_index: int
     user: UserData
     store: DeviceStore
+    # the device owner's own cap on its lifetime epsilon (``--node-config
+    # epsilon-budget=...``); every run's target can only tighten it
+    epsilon_budget: float = math.inf
 
     @classmethod
     def open(cls, cfg: RunConfig, context, *, with_model: bool = True) -> Device:
         runtime = get_runtime(cfg) if with_model else None
         user_dir, user_index = resolve_user(context, cfg)
         return cls(cfg, runtime, user_dir, user_index, load_user(user_dir),
-                   DeviceStore(user_dir, cfg.federation_key))
+                   node_store(cfg, user_dir, user_index),
+                   device_epsilon_budget(context.node_config))
+
+    @property
+    def target_epsilon(self) -> float:
+        return min(self.cfg.target_epsilon, self.epsilon_budget)
 
     def persona_index(self, info: ConfigRecord) -> int:
         """The user's declared persona among the run's (public per the threat model), or -1."""
@@ -85,6 +94,18 @@ class Device:
         return int.from_bytes(digest.digest()[:8], "big") >> 1
 
 
+def device_epsilon_budget(node_config) -> float:
+    """The ``epsilon-budget`` a device's owner set in its node config (default: none)."""
+    raw = node_config.get("epsilon-budget", math.inf)
+    try:
+        budget = float(raw)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not budget > 0:
+        raise ValueError(f"node config epsilon-budget={raw!r}: must be a positive number")
+    return budget
+
+
 def query_round(device: Device, info: ConfigRecord) -> RecordDict:
     """This user's persona index and example count."""
     metrics = {"persona-index": device.persona_index(info),
@@ -93,15 +114,21 @@ def query_round(device: Device, info: ConfigRecord) -> RecordDict:
 
 
 def train_round(device: Device, content: RecordDict, info: ConfigRecord) -> RecordDict:
-    """One training round (see the module's docstring for its order); the reply."""
+    """One training round (see the module's docstring for its order); the reply. The
+    device's ledger is held from the replay check to the commit."""
+    with device.store.ledger_lock():
+        return _train_round(device, content, info)
+
+
+def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> RecordDict:
     cfg, runtime, store, user = device.cfg, device.runtime, device.store, device.user
     server_round = int(info["server-round"])
     instruction = content_digest(content)
     released = store.replayed_reply(server_round, instruction, runtime.lora)
     if released is not None:
         return released
-    ledger = store.load_ledger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-                               accountant=cfg.accountant)
+    ledger = store.load_ledger(target_epsilon=device.target_epsilon,
+                               target_delta=cfg.target_delta, accountant=cfg.accountant)
     store.reopen_unreleased(ledger, server_round, instruction)
     data = encode_records(user.train, runtime.tokenizer, cfg.seq_len)
     clusters = cluster_states(content)
@@ -114,7 +141,7 @@ def train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Reco
     # see different data before anyone chooses by loss.
     random_start = bool(clusters) and server_round == cfg.discovery_warmup + 1
     private_choice = bool(clusters) and not random_start and cfg.dp and cfg.selection_noise > 0
-    budget = round_mechanisms(cfg, ledger, rate, private_choice)
+    budget = round_mechanisms(cfg, ledger, rate, private_choice, store.federation)
     if budget.entries is None or (budget.entries and not ledger.can_afford(*budget.entries)):
         # Declining is itself public; what it reveals is the budget, not the data.
         metrics.update({"declined": 1, "persona-index": persona_index,
@@ -155,7 +182,7 @@ def train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Reco
     if spent != budget.entries:
         raise DPTrainingError(f"the round ran {spent} but its budget planned {budget.entries}: "
                               "refusing to release what was not accounted as planned")
-    ledger.record(*spent, opening=(server_round, instruction))
+    ledger.record(*spent, opening=(server_round, instruction), federation=store.federation)
     store.save_ledger(ledger)  # spent before anything leaves the device
 
     reply = RecordDict({KEY_GLOBAL: state_to_record(

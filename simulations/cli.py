@@ -41,6 +41,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             FileExistsError, FileNotFoundError)
 
 
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {raw!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpersona", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fedpersona {_version()}")
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--rejoin-wait", type=float, default=120.0,
                       help="when refused at start (e.g. restarted after a crash, before the "
                            "SuperLink let go of the old session), retry for this many s")
+    node.add_argument("--epsilon-budget", type=_positive_float,
+                      help="the device's own cap on the epsilon it ever spends, over every "
+                           "run it joins (a run's target-epsilon can only tighten it)")
     node.add_argument("--threads", type=int, help="CPU threads for this SuperNode's "
                       "training (default: all; split the cores when SuperNodes share a machine)")
     node.add_argument("--insecure", action="store_true")
@@ -357,7 +370,8 @@ def _deploy(args: argparse.Namespace) -> int:
         return deploy.supervise_supernode(deploy.supernode_command(
             superlink=args.superlink, user_dir=args.user_dir, port=args.port,
             ca=None if args.insecure else args.ca, key=None if args.insecure else args.key,
-            max_wait=args.max_wait), rejoin_wait=args.rejoin_wait,
+            max_wait=args.max_wait, epsilon_budget=args.epsilon_budget),
+            rejoin_wait=args.rejoin_wait,
             extra_env=deploy.thread_limits(args.threads))
     command = deploy.run_command(deploy.app_dir(), args.settings, connection=args.name,
                                  stream=not args.no_stream)

@@ -152,7 +152,6 @@ def write_finished_run(tmp: Path, *, trained_personas=("a", "b"), untrained_pers
     adapter on its device. Returns ``(cfg, run_dir)``."""
     import json
 
-    from client.store import DeviceStore
     from shared.data.federation import load_run_population
     from shared.model.adapters import save_adapter
 
@@ -169,6 +168,14 @@ def write_finished_run(tmp: Path, *, trained_personas=("a", "b"), untrained_pers
         save_adapter(run / "adapters" / "persona" / persona, runtime.initial["persona"],
                      tiny_lora())
     (run / "report.json").write_text(json.dumps({"config": cfg.to_flower(), **(report or {})}))
-    DeviceStore(load_run_population(cfg).user_dir("u1"), cfg.federation_key).save_user_adapter(
+    sim_store(cfg, load_run_population(cfg).user_dir("u1")).save_user_adapter(
         randomize_level(runtime.model, "user", scale=0.05, seed=9), tiny_lora())
     return cfg, run
+
+
+def sim_store(cfg: RunConfig, user_dir: Path):
+    """The store of the simulated device serving ``user_dir`` (its name is the user id) in
+    the run ``cfg``: where a simulation keeps that device's ledger and adapters."""
+    from client.store import DeviceStore
+
+    return DeviceStore.simulated(cfg, Path(user_dir).name, Path(user_dir))

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 from cryptography.x509.oid import ExtensionOID
+from flwr.common.config import parse_config_args
 from helpers import write_small_population
 
 from shared.config import ConfigError
@@ -91,6 +92,10 @@ def test_supernode_command_points_at_one_user_directory(tmp_path):
     config = command[command.index("--node-config") + 1]
     assert config == f'user-dir="{(tmp_path / "pop/users/u1").resolve()}"'
     assert command[command.index("--root-certificates") + 1] == str(paths["ca"].resolve())
+    capped = supernode_command(superlink="h:1", user_dir=tmp_path / "pop/users/u1", port=1,
+                               ca=None, key=None, epsilon_budget=4)
+    assert parse_config_args([capped[capped.index("--node-config") + 1]]) == {
+        "user-dir": str((tmp_path / "pop/users/u1").resolve()), "epsilon-budget": 4.0}
     with pytest.raises(DeployError, match="not a user directory"):
         supernode_command(superlink="h:1", user_dir=tmp_path, port=1, ca=paths["ca"],
                           key=paths["supernode:u1"])

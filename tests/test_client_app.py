@@ -17,6 +17,7 @@ from helpers import (
     node_context,
     randomize_level,
     round_message,
+    sim_store,
     small_config,
     tiny_peft,
 )
@@ -83,7 +84,7 @@ def test_train_reply_holds_only_released_b_tensors_and_metrics(trained):
 def test_train_metrics_and_ledger_on_disk(trained):
     # Arrange / Act (the fixture trains)
     cfg, reply = trained
-    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    store = sim_store(cfg, _user_dir(cfg))
     metrics = reply.content.metric_records[KEY_METRICS]
 
     # Assert
@@ -113,17 +114,74 @@ def test_epsilon_composes_over_rounds(tmp_path):
     second = _train(cfg, server_round=2).content.metric_records[KEY_METRICS]["epsilon"]
 
     # Assert
-    ledger = DeviceStore(_user_dir(cfg), cfg.federation_key).load_ledger(
+    ledger = sim_store(cfg, _user_dir(cfg)).load_ledger(
         target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
     assert second > first > 0
     assert ledger.rounds == 2 and len(ledger.history) == 2
     assert ledger.epsilon == pytest.approx(second)
 
 
+def _device_context(user_dir, **node_config):
+    """A real SuperNode's context: it serves the user directory it was started with."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=1, node_config={"user-dir": str(user_dir), **node_config},
+                   state=RecordDict(), run_config={})
+
+
+def _train_on_device(cfg, context, server_round=1):
+    msg = round_message(cfg, initial_server_state(cfg), "a", MessageType.TRAIN,
+                        server_round=server_round)
+    return train(msg, context).content.metric_records[KEY_METRICS]
+
+
+def test_two_runs_on_one_device_spend_one_budget(tmp_path):
+    # Arrange: one device, two federations (two server runs in different directories)
+    first_run = small_config(tmp_path, **FIXED_NOISE)
+    second_run = first_run.replace(run_dir=str(tmp_path / "another-run"))
+    device = _device_context(_user_dir(first_run))
+
+    # Act
+    first = _train_on_device(first_run, device)
+    second = _train_on_device(second_run, device)
+
+    # Assert: the second run's round adds to the first's spending; each run's user
+    # adapter stays its own; the reported epsilon is what the device's ledger composes
+    ledger_path = _user_dir(first_run) / ".fedpersona" / "ledger.json"
+    ledger = json.loads(ledger_path.read_text())
+    assert ledger["federation_rounds"] == {first_run.federation_key: 1,
+                                           second_run.federation_key: 1}
+    assert second["epsilon"] > first["epsilon"] > 0
+    assert second["epsilon"] == pytest.approx(ledger["epsilon"], rel=1e-12)
+    for cfg in (first_run, second_run):
+        assert DeviceStore.on_device(_user_dir(cfg), cfg.federation_key).load_user_adapter() \
+            is not None
+    assert not (tmp_path / "run" / "devices").exists()  # nothing of a real device in a run
+
+
+def test_a_device_budget_caps_every_run_it_joins(tmp_path):
+    # Arrange: the owner caps the device at about one round's spending
+    cfg = small_config(tmp_path, **FIXED_NOISE)
+    uncapped = _train_on_device(cfg.replace(run_dir=str(tmp_path / "probe")),
+                                _device_context(_user_dir(cfg, "u2")))
+    device = _device_context(_user_dir(cfg), **{"epsilon-budget": 1.1 * uncapped["epsilon"]})
+
+    # Act: a first run, then a new run that asks for far more
+    first = _train_on_device(cfg, device)
+    second = _train_on_device(cfg.replace(run_dir=str(tmp_path / "r2"), target_epsilon=1e6),
+                              device)
+
+    # Assert
+    assert first["declined"] == 0 and second["declined"] == 1
+    assert second["epsilon"] == pytest.approx(first["epsilon"])
+    with pytest.raises(ValueError, match="epsilon-budget='none'"):
+        _train_on_device(cfg, _device_context(_user_dir(cfg), **{"epsilon-budget": "none"}))
+
+
 def test_train_declines_past_the_budget(tmp_path):
     # Arrange
     cfg = small_config(tmp_path, target_epsilon=0.01)
-    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    store = sim_store(cfg, _user_dir(cfg))
 
     # Act
     reply = _train(cfg)
@@ -156,7 +214,7 @@ def test_train_without_dp_reports_no_epsilon(tmp_path):
     metrics = _train(cfg).content.metric_records[KEY_METRICS]
 
     assert metrics["dp"] == 0 and metrics["epsilon"] == -1.0 and metrics["declined"] == 0
-    ledger = DeviceStore(_user_dir(cfg), cfg.federation_key).load_ledger(
+    ledger = sim_store(cfg, _user_dir(cfg)).load_ledger(
         target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
     assert ledger.history == [] and ledger.rounds == 1
 
@@ -204,7 +262,7 @@ def test_the_user_adapter_is_checked_on_held_out_lines_and_the_check_stays_on_de
     assert len(checks) == (1 if fraction else 0)
     kept = not checks or checks[0].endswith("new user adapter kept")
     assert kept or checks[0].endswith("new user adapter discarded")
-    stored = DeviceStore(_user_dir(cfg), cfg.federation_key).load_user_adapter()
+    stored = sim_store(cfg, _user_dir(cfg)).load_user_adapter()
     initial = get_runtime(cfg).initial["user"]
     assert any(not torch.equal(stored[k], initial[k]) for k in initial) == kept
     # nothing about the check is released with the update; the evaluation (a
@@ -352,7 +410,7 @@ def _final_message(cfg, state):
 def test_the_final_evaluation_fits_the_user_adapter_under_the_final_levels_once(tmp_path):
     # Arrange: final levels away from their initialisation; no holdout, so the fit is kept
     cfg = small_config(tmp_path, user_holdout_fraction=0.0, user_final_steps=2)
-    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    store = sim_store(cfg, _user_dir(cfg))
     state = initial_server_state(cfg)
     state.global_state = randomize_level(tiny_peft(), "global", scale=0.05, seed=3)
     evaluate(round_message(cfg, state, "a", MessageType.EVALUATE), node_context(0))
@@ -378,7 +436,7 @@ def test_no_final_fit_when_user_final_steps_is_zero(tmp_path):
 
     evaluate(_final_message(cfg, initial_server_state(cfg)), node_context(0))
 
-    assert DeviceStore(_user_dir(cfg), cfg.federation_key).load_user_adapter() is None
+    assert sim_store(cfg, _user_dir(cfg)).load_user_adapter() is None
 
 
 # -- what runs is what is counted ----------------------------------------------------------
@@ -407,7 +465,7 @@ def test_the_ledger_records_the_entries_the_mechanisms_returned(tmp_path, monkey
 
     # Assert: the ledger holds what the two mechanisms returned (here at the same noise
     # and rate, so composed as one more step), and nothing else
-    ledger = DeviceStore(_user_dir(cfg), cfg.federation_key).load_ledger(
+    ledger = sim_store(cfg, _user_dir(cfg)).load_ledger(
         target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
         accountant=cfg.accountant)
     sigma, rate, steps = returned[0]
@@ -430,6 +488,6 @@ def test_a_mechanism_that_ran_other_than_planned_releases_nothing(tmp_path, monk
     # Act / Assert: refused before the ledger or any reply is written
     with pytest.raises(DPTrainingError, match="budget planned"):
         _train(cfg)
-    store = DeviceStore(_user_dir(cfg), cfg.federation_key)
+    store = sim_store(cfg, _user_dir(cfg))
     assert store.ledger_json() is None
     assert store.load_user_adapter() is None

@@ -323,7 +323,7 @@ def test_choose_for_user_serves_the_stored_user_adapter_first(evaluator, tmp_pat
     # Arrange: a user adapter on the device, a declared persona and examples
     user_dir = _user(tmp_path, "returning", "a", SHOTS_X)
     user_state = randomize_level(evaluator.runtime.model, "user", scale=0.05, seed=3)
-    DeviceStore(user_dir, evaluator.cfg.federation_key).save_user_adapter(
+    DeviceStore.on_device(user_dir, evaluator.cfg.federation_key).save_user_adapter(
         user_state, evaluator.runtime.lora)
 
     # Act
@@ -340,7 +340,7 @@ def test_choose_for_user_serves_the_stored_user_adapter_first(evaluator, tmp_pat
 
 def test_a_user_adapter_of_another_federation_is_not_used(evaluator, tmp_path):
     user_dir = _user(tmp_path, "elsewhere", None)
-    DeviceStore(user_dir, "some-other-federation").save_user_adapter(
+    DeviceStore.on_device(user_dir, "some-other-federation").save_user_adapter(
         randomize_level(evaluator.runtime.model, "user", scale=0.05, seed=4),
         evaluator.runtime.lora)
 
@@ -362,7 +362,7 @@ def test_serving_chooses_a_stack_on_held_out_lines_and_generates_after_the_conte
         evaluator, tmp_path):
     # Arrange: a returning user with a user adapter and ten lines of style X
     user_dir = _user(tmp_path, "served", "a", SHOTS_X * 2)
-    DeviceStore(user_dir, evaluator.cfg.federation_key).save_user_adapter(
+    DeviceStore.on_device(user_dir, evaluator.cfg.federation_key).save_user_adapter(
         randomize_level(evaluator.runtime.model, "user", scale=0.05, seed=5),
         evaluator.runtime.lora)
 

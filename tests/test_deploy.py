@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 USERS = ("u1", "u2", "u3")
 SETTINGS = ["model=tiny", "persona-names=a,b", "min-clients=3", "clients-per-round=3",
             "local-steps=2", "user-steps=1", "batch-size=4", "seq-len=32",
-            "eval-max-records=4", "target-epsilon=50", "lora-rank=4", "lora-alpha=8"]
+            "eval-max-records=4", "target-epsilon=50", "lora-rank=4", "lora-alpha=8",
+            # a fixed noise multiplier: every run below spends from the same device budget
+            # (about 2.2 a round), where a calibrated plan would spend it all in the first
+            "planned-rounds=0"]
 
 
 def _free_port() -> int:
@@ -153,14 +156,36 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(deployment):
     assert sorted(p.name for p in (run_dir / "adapters" / "persona").iterdir()) == ["a", "b"]
     # what left each device: adapter tensors of the expected names and shapes, numbers
     for user in USERS:
-        store = deployment.root / "pop" / "users" / user / ".fedpersona" / cfg.federation_key
-        log = read_wire_log(store / WIRE_LOG)
+        state = deployment.root / "pop" / "users" / user / ".fedpersona"
+        log = read_wire_log(state / cfg.federation_key / WIRE_LOG)
         # each round's training, then its measurement on the fixed users (all three
         # here: round-eval-users = 8), then the final evaluation
         assert [e["message_type"] for e in log] == ["query", "train", "evaluate", "train",
                                                     "evaluate", "evaluate"]
         assert check_entries(log, expected) == []
-        assert json.loads((store / "ledger.json").read_text())["rounds"] == 2
+        ledger = json.loads((state / "ledger.json").read_text())
+        assert ledger["federation_rounds"] == {cfg.federation_key: 2}
+
+
+def test_a_second_run_on_the_same_devices_spends_the_same_budget(deployment):
+    # Arrange: the run above left each device's ledger at two rounds
+    state = {u: deployment.root / "pop" / "users" / u / ".fedpersona" for u in USERS}
+    first = json.loads((deployment.root / "run" / "report.json").read_text())
+    cfg, settings = _config(deployment.root / "run-2", 2, "round-timeout=120")
+
+    # Act: a new run (a new server run directory: a new federation) on the same devices
+    done = deployment.fedpersona("deploy", "run", *settings, timeout=420)
+
+    # Assert: its rounds add to the same ledgers, and its report says what they compose
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((deployment.root / "run-2" / "report.json").read_text())
+    assert [r["accepted"] for r in report["rounds"]] == [3, 3]
+    ledgers = {u: json.loads((state[u] / "ledger.json").read_text()) for u in USERS}
+    for ledger in ledgers.values():
+        assert ledger["federation_rounds"][cfg.federation_key] == 2 and ledger["rounds"] == 4
+    spent = max(ledger["epsilon"] for ledger in ledgers.values())
+    assert report["privacy"]["epsilon_max"] == pytest.approx(spent, rel=1e-9)
+    assert spent > 1.2 * first["privacy"]["epsilon_max"]
 
 
 def test_unregistered_key_and_untrusted_ca_are_refused(deployment):
@@ -205,6 +230,6 @@ def test_a_killed_supernode_misses_a_round_and_rejoins(deployment):
     killed = missing[0]["client"]
     assert killed in rounds[-1]["trained_users"] and rounds[-1]["accepted"] == 3  # back
     assert all(r["client"] == killed for r in report["rejected_updates"])
-    store = deployment.root / "pop" / "users" / "u3" / ".fedpersona" / cfg.federation_key
-    ledger = json.loads((store / "ledger.json").read_text())
-    assert ledger["rounds"] >= 2  # its ledger went on from where it was
+    ledger = json.loads((deployment.root / "pop" / "users" / "u3" / ".fedpersona" /
+                         "ledger.json").read_text())
+    assert ledger["federation_rounds"][cfg.federation_key] >= 2  # it went on where it was

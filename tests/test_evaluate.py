@@ -8,9 +8,9 @@ import math
 import statistics
 
 import pytest
-from helpers import fit_persona, tiny_lora, tiny_peft
+from helpers import fit_persona, sim_store, tiny_lora, tiny_peft
 
-from client.store import DeviceStore
+from client.store import SIMULATED_FEDERATION
 from server.report import (
     federation_gain,
     federation_gain_lines,
@@ -194,9 +194,9 @@ def run_dir(tmp_path_factory):
     run.mkdir()
     for user_id, rounds in ROUNDS.items():  # what the devices' ledgers would say, without DP
         if rounds:
-            DeviceStore(population.user_dir(user_id), cfg.federation_key).save_ledger(
+            sim_store(cfg, population.user_dir(user_id)).save_ledger(
                 PrivacyLedger(target_epsilon=math.inf, target_delta=cfg.target_delta,
-                              rounds=rounds))
+                              federation_rounds={SIMULATED_FEDERATION: rounds}))
     (run / "report.json").write_text(json.dumps({"config": cfg.to_flower()}))
     model = tiny_peft(seed=0)
     start = level_state(model, "persona")

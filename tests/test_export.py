@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from helpers import RANK, randomize_level, write_finished_run
+from helpers import RANK, randomize_level, sim_store, write_finished_run
 from peft import PeftModel
 
-from client.store import DeviceStore
 from shared.data.federation import load_run_population
 from shared.model.adapters import activate, load_level, save_adapter
 from shared.model.base import load_base_model
@@ -75,7 +74,7 @@ def _stack_logits(cfg, run, persona, user_dir, ids):
     from client.serving.run_adapters import RunAdapters
 
     adapters = RunAdapters(run, cfg)
-    user = DeviceStore(user_dir, cfg.federation_key).load_user_adapter() if user_dir else None
+    user = sim_store(cfg, user_dir).load_user_adapter() if user_dir else None
     adapters.load(persona=persona, user_state=user)
     levels = ("global", "persona", "user")[:1 + bool(persona) + bool(user_dir)]
     activate(adapters.runtime.model, levels)
@@ -111,7 +110,7 @@ def test_the_export_computes_the_stack_and_its_manifest_names_what_went_in(tiny_
     assert [(s["level"], s["released"]) for s in manifest["stack"]] == [
         ("global", True), ("persona", True), ("user", False)]
     assert manifest["stack"][1]["name"] == "a"
-    user_file = DeviceStore(user_dir, cfg.federation_key).user_adapter_path
+    user_file = sim_store(cfg, user_dir).user_adapter_path
     assert [s["sha256"] for s in manifest["stack"]] == [
         _sha256(run / "adapters" / "global" / "adapter_model.safetensors"),
         _sha256(run / "adapters" / "persona" / "a" / "adapter_model.safetensors"),

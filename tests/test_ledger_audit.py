@@ -149,3 +149,36 @@ def test_a_calibrated_ledger_is_replayed_and_a_rosier_one_is_caught():
     assert honest.epsilon < honest.rdp_epsilon  # enforced with PRV, RDP kept beside it
     assert not rosier.ok
     assert any("is not what this run accounts" in p for p in rosier.problems)
+
+
+def test_a_device_ledger_shared_with_another_federation_is_replayed_for_this_run_only():
+    # Arrange: this run's calibrated rounds interleaved with another federation's, whose
+    # spending makes this run's later rounds noisier (the device's budget is one)
+    from client.budget import round_mechanisms
+    from shared.config import RunConfig
+
+    cfg = RunConfig(planned_rounds=3, dp_sample_rate=1.0, local_steps=1,
+                    loss_noise_multiplier=8.0)
+    ledger = PrivacyLedger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
+    alone = round_mechanisms(cfg, ledger, 1.0, False, "this").noise_multiplier
+    ledger.record((3.0, 1.0, 1), federation="other")
+    for _ in range(3):
+        ledger.record(*round_mechanisms(cfg, ledger, 1.0, False, "this").entries,
+                      federation="this")
+
+    def plan(state, private_choice):
+        return round_mechanisms(cfg, state, 1.0, private_choice, "this").entries
+
+    # Act
+    finding = audit_ledger(ledger.to_json(), user_id="u", plan=plan, trained_rounds=3,
+                           federation="this")
+    as_if_alone = audit_ledger({**ledger.to_json(), "sources": ["this"] * len(ledger.history)}, user_id="u",
+                               plan=plan, trained_rounds=3, federation="this")
+
+    # Assert: the others' spending raised this run's noise, counts in epsilon, and is not
+    # judged by this run's settings; read as this run's own it would not replay
+    assert ledger.history[1][0] > alone
+    assert finding.ok, finding.problems
+    assert finding.train_entries == 3 and finding.rounds == 3
+    assert finding.epsilon == pytest.approx(ledger.epsilon) and finding.epsilon <= 8.0
+    assert not as_if_alone.ok

@@ -17,6 +17,7 @@ from helpers import (
     fit_persona,
     instruction,
     node_context,
+    sim_store,
     small_config,
     tiny_peft,
 )
@@ -25,7 +26,6 @@ from hypothesis import strategies as st
 
 from client.client_app import train
 from client.discovery import choose_cluster
-from client.store import DeviceStore
 from client.trainer import sample_rate
 from server.checkpoint import ServerState
 from server.evaluation import discovery_report
@@ -339,7 +339,7 @@ def test_discovery_round_trains_the_cluster_that_fits_the_user(tmp_path, cluster
     sent = {k: v for k, v in clusters[1].items() if k in trained}
     other = {k: v for k, v in clusters[0].items() if k in trained}
     assert _distance(trained, sent) < _distance(trained, other) / 4
-    store = DeviceStore(tmp_path / "pop" / "users" / "u1", cfg.federation_key)
+    store = sim_store(cfg, tmp_path / "pop" / "users" / "u1")
     assert store.load_state()["cluster"] == 1
 
 
@@ -357,7 +357,7 @@ def test_private_discovery_round_spends_the_selection_in_the_ledger(tmp_path, cl
     assert metrics["persona-index"] in (0, 1) and metrics["declined"] == 0
     assert metrics["selection-private"] == 1
     assert chosen_persona(reply, names) == names[metrics["persona-index"]]
-    store = DeviceStore(tmp_path / "pop" / "users" / "u1", cfg.federation_key)
+    store = sim_store(cfg, tmp_path / "pop" / "users" / "u1")
     history = json.loads(store.ledger_path.read_text())["history"]
     rate = sample_rate(cfg.batch_size, len(STYLE_X))
     assert history == [[1.0, pytest.approx(rate), cfg.local_steps + 1], [2.0, 1.0, 1]]
@@ -372,7 +372,7 @@ def test_random_start_round_costs_no_selection_privacy(tmp_path, clusters):
 
     metrics = reply.content.metric_records[KEY_METRICS]
     assert metrics["persona-index"] in (0, 1) and metrics["selection-private"] == 1
-    store = DeviceStore(tmp_path / "pop" / "users" / "u1", cfg.federation_key)
+    store = sim_store(cfg, tmp_path / "pop" / "users" / "u1")
     history = json.loads(store.ledger_path.read_text())["history"]
     assert len(history) == 1 and history[0][2] == cfg.local_steps + 1
 

@@ -158,6 +158,7 @@ def test_json_round_trip():
     assert back == ledger
     assert raw["rounds"] == 3 and raw["accountant"] == "rdp"
     assert raw["history"] == [[1.2, 0.05, 40], [0.9, 0.1, 10]]
+    assert raw["sources"] == ["", ""] and raw["federation_rounds"] == {"": 3}
     assert raw["epsilon"] == pytest.approx(ledger.epsilon, rel=1e-12)
     assert math.isfinite(back.epsilon) and back.epsilon > 0
 
@@ -278,18 +279,19 @@ def test_a_prv_ledger_enforces_prv_and_keeps_rdp_beside_it():
 def test_an_open_round_is_taken_back_only_for_its_own_retry_and_survives_json():
     # Arrange: one closed round, then one open round
     ledger = PrivacyLedger(target_epsilon=8.0, target_delta=1e-5)
-    ledger.record((1.0, 0.5, 2), opening=(1, "a"))
+    ledger.record((1.0, 0.5, 2), opening=(1, "a"), federation="f")
     ledger.close()
-    ledger.record((0.9, 0.5, 2), (4.0, 1.0, 1), opening=(2, "b"))
+    ledger.record((0.9, 0.5, 2), (4.0, 1.0, 1), opening=(2, "b"), federation="f")
     stored = PrivacyLedger.from_json(json.loads(json.dumps(ledger.to_json())))
 
     # Act / Assert: another round or instruction takes nothing back
-    assert stored.open_round == (2, "b", 1, 1)
+    assert stored.open_round == (2, "b", 1, "f", 1)
     assert not stored.reopen(2, "c") and not stored.reopen(3, "b")
-    assert stored.rounds == 2 and len(stored.history) == 3
+    assert stored.rounds == 2 and len(stored.history) == 3 and stored.sources == ["f"] * 3
     # its own retry takes back exactly that round's entries, once
     assert stored.reopen(2, "b")
-    assert stored.history == [(1.0, 0.5, 2)] and stored.rounds == 1
+    assert stored.history == [(1.0, 0.5, 2)] and stored.rounds_in("f") == 1
+    assert stored.sources == ["f"]
     assert not stored.reopen(2, "b")
     assert not ledger.reopen(1, "a")  # a closed round stays accounted
 

@@ -20,6 +20,7 @@ from helpers import (
     node_context,
     randomize_level,
     round_message,
+    sim_store,
     small_config,
     tiny_peft,
     write_small_population,
@@ -44,16 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _store(cfg, user_id: str = "u1") -> DeviceStore:
-    return DeviceStore(load_run_population(cfg).user_dir(user_id), cfg.federation_key)
+    return sim_store(cfg, load_run_population(cfg).user_dir(user_id))
 
 
-def _twin(tmp_path: Path, store: DeviceStore):
-    """A config for a second run in which u1's device holds ``store``'s device secret, so
-    its private draws are the same: an uninterrupted reference for the same device."""
+def _twin(tmp_path: Path, cfg):
+    """A config for a second run in which u1's device holds its device secret in ``cfg``,
+    so its private draws are the same: an uninterrupted reference for the same device."""
     reference = small_config(tmp_path / "ref")
-    device_secret(_store(reference).user_dir)  # (creates the directories)
-    (_store(reference).user_dir / STATE_DIR / "device-secret").write_bytes(
-        device_secret(store.user_dir))
+    twin = load_run_population(reference).user_dir("u1")
+    device_secret(twin)  # (creates the directories)
+    (twin / STATE_DIR / "device-secret").write_bytes(
+        device_secret(load_run_population(cfg).user_dir("u1")))
     return reference
 
 
@@ -172,7 +174,7 @@ def test_a_kill_between_keeping_the_reply_and_saving_the_user_adapter_is_complet
     # Assert: replayed, and the user adapter is the one that round trained
     assert _files(store.ledger_path) == ledger
     kept = load_adapter_state(store.user_adapter_path)
-    reference = _twin(tmp_path, store)  # the same round, uninterrupted, same device
+    reference = _twin(tmp_path, cfg)  # the same round, uninterrupted, same device
     ref_reply = train(_message(reference), node_context(0))
     assert states_equal(kept, _store(reference).load_user_adapter())
     assert _arrays(reply) == _arrays(ref_reply)
@@ -237,7 +239,7 @@ def test_a_round_retried_after_a_kill_before_its_reply_was_kept_is_accounted_onc
     # Arrange: the device dies after accounting round 1, before keeping its reply
     cfg = small_config(tmp_path)  # the calibrated default: a second entry would change sigma
     store = _store(cfg)
-    reference = _twin(tmp_path, store)  # the same device, uninterrupted
+    reference = _twin(tmp_path, cfg)  # the same device, uninterrupted
     with monkeypatch.context() as patch:
         patch.setattr(DeviceStore, "commit_round", _killed)
         with pytest.raises(KeyboardInterrupt):
@@ -316,7 +318,7 @@ def _command(run_dir: Path, population: Path) -> list[str]:
 def _stores(run_dir: Path, population: Path) -> dict[str, DeviceStore]:
     cfg = resolve_config(run_dir, [f"data-dir={population}", *SETTINGS],
                          pyproject=REPO / "pyproject.toml")
-    return {u: DeviceStore(population / "users" / u, cfg.federation_key) for u in USERS}
+    return {u: sim_store(cfg, population / "users" / u) for u in USERS}
 
 
 def _run(run_dir: Path, population: Path, log: Path) -> subprocess.CompletedProcess:
@@ -357,6 +359,44 @@ def test_round_train_loss_does_not_depend_on_the_order_replies_arrive_in():
     losses = [(0.1, 1), (0.2, 1), (0.3, 1)]
     assert sum(v * n for v, n in losses) != sum(v * n for v, n in reversed(losses))
     assert weighted_loss(losses) == weighted_loss(list(reversed(losses))) == 0.6 / 3
+
+
+@pytest.mark.integration
+def test_a_moved_run_resumes_with_its_devices_spending_and_cannot_understate(tmp_path):
+    # Arrange: one round in one directory, then the directory moved and resumed to two
+    # rounds; beside it, the same two rounds uninterrupted. Without moving the devices'
+    # ledgers with the run, the resumed devices started from nothing: epsilon 5.6 reported
+    # for two rounds that cost 7.3, and the user adapters were lost.
+    import shutil
+
+    from simulations.audit.command import ledger_check
+    from simulations.run.simulate import simulate
+
+    settings = {"clients_per_round": 3, "planned_rounds": 2, "target_epsilon": 8.0, "seed": 4}
+    straight = small_config(tmp_path, run_dir=str(tmp_path / "straight"), num_rounds=2,
+                            **settings)
+    first = small_config(tmp_path, run_dir=str(tmp_path / "first"), num_rounds=1, **settings)
+    simulate(straight, final_evaluation=False)
+    simulate(first, final_evaluation=False)
+    shutil.move(first.run_dir, tmp_path / "moved")
+    moved = first.replace(run_dir=str(tmp_path / "moved"), num_rounds=2)
+
+    # Act
+    report = simulate(moved, final_evaluation=False)
+
+    # Assert: the moved run is the uninterrupted one, spending and all
+    expected = json.loads((tmp_path / "straight" / "report.json").read_text())
+    assert report["privacy"]["epsilon_per_user"] == pytest.approx(
+        expected["privacy"]["epsilon_per_user"], rel=1e-12)
+    for user in USERS:
+        ledger = json.loads(_store(moved, user).ledger_path.read_text())
+        assert ledger["rounds"] == 2
+        assert report["privacy"]["epsilon_per_user"][user] == pytest.approx(ledger["epsilon"])
+        assert _store(moved, user).load_user_adapter() is not None
+    assert states_equal(load_checkpoint(tmp_path / "moved").global_state,
+                        load_checkpoint(tmp_path / "straight").global_state)
+    assert ledger_check(tmp_path / "moved")["passed"]
+    assert not (tmp_path / "first").exists()
 
 
 @pytest.mark.integration

@@ -7,10 +7,9 @@ import json
 import math
 
 import pytest
-from helpers import small_config
+from helpers import sim_store, small_config
 
 from client.mods.wire_log import WIRE_LOG, read_wire_log
-from client.store import DeviceStore
 from server.evaluation import fixed_eval_users
 from server.report import render_markdown, round_lines
 from shared.data.federation import load_run_population
@@ -89,7 +88,7 @@ def test_no_round_by_round_section_when_off():
 
 def _evaluate_rounds(cfg, user: str) -> list[int]:
     """The rounds of the evaluate messages that ``user``'s device answered."""
-    store = DeviceStore(load_run_population(cfg).user_dir(user), cfg.federation_key)
+    store = sim_store(cfg, load_run_population(cfg).user_dir(user))
     return [e["server_round"] for e in read_wire_log(store.root / WIRE_LOG)
             if e["message_type"] == "evaluate"]
 

@@ -18,6 +18,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 from flwr.common.serde import recorddict_to_proto
+from helpers import sim_store
 
 from client.client_app import make_client_app
 from client.mods.secagg import secagg_input
@@ -563,7 +564,6 @@ def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_p
     directory: the devices replay their round-2 replies, the rounding is seeded on the
     device (client.mods.secagg.rounding_seed), so the result is the uninterrupted run's, bit
     for bit."""
-    from client.store import DeviceStore
     from shared.data.federation import load_run_population
     from simulations.run.simulate import simulate
 
@@ -603,8 +603,8 @@ def test_secagg_with_discovered_personas_matches_plain_and_resumes_exactly(tmp_p
     assert _history(a) == _history(b) and a.assignments == b.assignments
     assert a.epsilon_per_user == b.epsilon_per_user
     for user in ("u1", "u2", "u3"):  # round 2 replayed on resume, not trained and spent again
-        ledgers = [json.loads(DeviceStore(load_run_population(c).user_dir(user),
-                                          c.federation_key).ledger_path.read_text())
+        ledgers = [json.loads(sim_store(c, load_run_population(c).user_dir(user))
+                              .ledger_path.read_text())
                    for c in (straight, stopped)]
         assert ledgers[0]["rounds"] == ledgers[1]["rounds"] == 2
         assert ledgers[0]["history"] == ledgers[1]["history"]
@@ -674,7 +674,6 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
 def test_a_halted_secagg_round_still_reports_what_the_honest_device_spent(tmp_path):
     """Two of three clients drop out (NaN): SecAgg+ halts and nothing is applied, but the
     honest device trained and spent, so the server's privacy report must say so."""
-    from client.store import DeviceStore
     from shared.data.federation import load_run_population
     from simulations.faults import faulty_users
     from simulations.run.simulate import simulate
@@ -690,9 +689,8 @@ def test_a_halted_secagg_round_still_reports_what_the_honest_device_spent(tmp_pa
     entry = report["rounds"][0]
     assert entry["accepted"] == 0 and "halted" in entry["secure_aggregation"]["failure"]
     assert sorted(r["client"] for r in report["rejected_updates"]) == ["u1", "u2", "u3"]
-    ledger = DeviceStore(load_run_population(cfg).user_dir(honest),
-                         cfg.federation_key).load_ledger(target_epsilon=cfg.target_epsilon,
-                                                         target_delta=cfg.target_delta)
+    ledger = sim_store(cfg, load_run_population(cfg).user_dir(honest)).load_ledger(
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
     assert ledger.epsilon > 0
     assert report["privacy"]["epsilon_per_user"][honest] == pytest.approx(ledger.epsilon)
     after = load_checkpoint(Path(cfg.run_dir))

@@ -22,7 +22,7 @@ ENTRY = (1.0, 0.2, 2)  # sigma, q, steps: epsilon about 3.45 at delta 1e-5
 
 @pytest.fixture
 def store(tmp_path):
-    return DeviceStore(tmp_path / "user", KEY)
+    return DeviceStore.on_device(tmp_path / "user", KEY)
 
 
 def _spent_ledger(entries=(ENTRY, (1.2, 0.1, 4))) -> PrivacyLedger:
@@ -44,18 +44,18 @@ def test_fresh_store_gives_an_empty_ledger(store):
 def test_ledger_persists_across_store_instances(tmp_path):
     # Arrange
     ledger = _spent_ledger()
-    DeviceStore(tmp_path / "user", KEY).save_ledger(ledger)
+    DeviceStore.on_device(tmp_path / "user", KEY).save_ledger(ledger)
 
     # Act
-    loaded = DeviceStore(tmp_path / "user", KEY).load_ledger(target_epsilon=8.0,
-                                                             target_delta=DELTA)
+    loaded = DeviceStore.on_device(tmp_path / "user", KEY).load_ledger(target_epsilon=8.0,
+                                                                       target_delta=DELTA)
 
     # Assert
     assert loaded.history == [(1.0, 0.2, 2), (1.2, 0.1, 4)]
     assert loaded.rounds == 2
     assert loaded.epsilon == ledger.epsilon > 0
     assert loaded.epsilon == epsilon(ledger.history, delta=DELTA)
-    on_disk = json.loads(DeviceStore(tmp_path / "user", KEY).ledger_path.read_text())
+    on_disk = json.loads(DeviceStore.on_device(tmp_path / "user", KEY).ledger_path.read_text())
     assert on_disk["accountant"] == "rdp" and on_disk["epsilon"] == pytest.approx(ledger.epsilon)
 
 
@@ -96,7 +96,7 @@ def test_ledger_write_leaves_no_staging_files(store):
     store.save_ledger(_spent_ledger())
     store.save_ledger(_spent_ledger([ENTRY]))
 
-    assert sorted(p.name for p in store.root.iterdir()) == ["ledger.json"]
+    assert sorted(p.name for p in store.ledger_path.parent.iterdir()) == ["ledger.json"]
 
 
 # -- the budget ----------------------------------------------------------------------------------
@@ -182,23 +182,141 @@ def test_corrupt_user_adapter_raises(store):
         store.load_user_adapter()
 
 
-# -- isolation between federations ---------------------------------------------------------------
+# -- one budget per device, one state per federation --------------------------------------------
 
-def test_federation_keys_are_isolated(tmp_path):
-    # Arrange
-    one = DeviceStore(tmp_path / "user", "key-one")
-    other = DeviceStore(tmp_path / "user", "key-two")
-    one.save_ledger(_spent_ledger())
+def test_two_federations_on_one_device_spend_one_budget_and_keep_their_own_adapters(tmp_path):
+    # Arrange: federation one spends and trains a user adapter
+    one = DeviceStore.on_device(tmp_path / "user", "key-one")
+    other = DeviceStore.on_device(tmp_path / "user", "key-two")
+    ledger = one.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+    ledger.record(ENTRY, federation=one.federation)
+    one.save_ledger(ledger)
     one.save_user_adapter(randomize_level(tiny_peft(), "user", scale=0.3, seed=1), tiny_lora())
 
+    # Act: federation two (a new run, a new server) opens the same device
+    seen = other.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+    seen.record(ENTRY, federation=other.federation)
+    other.save_ledger(seen)
+    again = one.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+
+    # Assert: the spending composes; the adapters do not mix
+    assert one.ledger_path == other.ledger_path == tmp_path / "user" / ".fedpersona" / "ledger.json"
+    assert again.history == [ENTRY, ENTRY] and again.sources == ["key-one", "key-two"]
+    assert again.epsilon == pytest.approx(epsilon([ENTRY, ENTRY], delta=DELTA), rel=1e-12)
+    assert again.epsilon > epsilon([ENTRY], delta=DELTA)
+    assert again.rounds_in("key-one") == again.rounds_in("key-two") == 1 and again.rounds == 2
+    assert other.load_user_adapter() is None and one.load_user_adapter() is not None
+
+
+def test_a_device_keeps_the_strictest_budget_it_was_given(tmp_path):
+    store = DeviceStore.on_device(tmp_path / "user", "key-one")
+    store.save_ledger(store.load_ledger(target_epsilon=4.0, target_delta=DELTA))
+
+    looser = DeviceStore.on_device(tmp_path / "user", "key-two").load_ledger(
+        target_epsilon=50.0, target_delta=DELTA)
+
+    assert looser.target_epsilon == 4.0
+    with pytest.raises(LedgerError, match="device's budget is at delta=1e-05, this run asks "
+                                          "delta=1e-06"):
+        store.load_ledger(target_epsilon=8.0, target_delta=1e-6)
+
+
+def test_earlier_per_federation_ledgers_are_folded_into_the_device_ledger(tmp_path):
+    # Arrange: two ledgers as earlier versions kept them, one per federation directory
+    state = tmp_path / "user" / ".fedpersona"
+    for key, entry in (("old-a", ENTRY), ("old-b", (1.2, 0.1, 4))):
+        (state / key).mkdir(parents=True)
+        legacy = {"target_epsilon": 8.0, "target_delta": DELTA, "history": [list(entry)],
+                  "rounds": 1, "epsilon": 0.0, "accountant": "rdp",
+                  "open_round": [1, "digest", 0, 0]}
+        (state / key / "ledger.json").write_text(json.dumps(legacy))
+
+    # Act: a new federation opens the upgraded device
+    ledger = DeviceStore.on_device(tmp_path / "user", "new").load_ledger(
+        target_epsilon=8.0, target_delta=DELTA)
+
+    # Assert: nothing spent is forgotten, each entry keeps its federation
+    assert ledger.history == [ENTRY, (1.2, 0.1, 4)] and ledger.sources == ["old-a", "old-b"]
+    assert ledger.federation_rounds == {"old-a": 1, "old-b": 1} and ledger.open_round is None
+    assert ledger.epsilon == pytest.approx(epsilon([ENTRY, (1.2, 0.1, 4)], delta=DELTA))
+
+
+def test_an_unreadable_earlier_ledger_refuses_training(tmp_path):
+    (tmp_path / "user" / ".fedpersona" / "old").mkdir(parents=True)
+    (tmp_path / "user" / ".fedpersona" / "old" / "ledger.json").write_text("{torn")
+
+    with pytest.raises(LedgerError, match="earlier ledger of this device cannot be composed"):
+        DeviceStore.on_device(tmp_path / "user", "new").load_ledger(target_epsilon=8.0,
+                                                                    target_delta=DELTA)
+
+
+def _simulated(tmp_path, run_dir):
+    cfg = RunConfig(model="tiny", run_dir=str(run_dir))
+    return cfg, DeviceStore.simulated(cfg, "u1", tmp_path / "pop" / "users" / "u1")
+
+
+def test_a_simulated_device_lives_in_its_run_and_moves_with_it(tmp_path):
+    # Arrange: a run's device spends
+    _, store = _simulated(tmp_path, tmp_path / "run")
+    ledger = store.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+    ledger.record(ENTRY, federation=store.federation)
+    store.save_ledger(ledger)
+
+    # Act: the run directory is moved; a second run over the same population starts
+    (tmp_path / "run").rename(tmp_path / "moved")
+    _, moved = _simulated(tmp_path, tmp_path / "moved")
+    _, second = _simulated(tmp_path, tmp_path / "second")
+
+    # Assert: the moved run still holds what its device spent; the second run is its own
+    assert store.ledger_path == tmp_path / "run" / "devices" / "u1" / "ledger.json"
+    assert moved.load_ledger(target_epsilon=8.0, target_delta=DELTA).history == [ENTRY]
+    assert second.load_ledger(target_epsilon=8.0, target_delta=DELTA).history == []
+    assert not (tmp_path / "pop" / "users" / "u1" / ".fedpersona").exists()
+
+
+def test_a_simulation_made_before_devices_lived_in_their_run_moves_them_in(tmp_path):
+    # Arrange: the device state an earlier version kept in the population
+    cfg = RunConfig(model="tiny", run_dir=str(tmp_path / "run"))
+    earlier = tmp_path / "pop" / "users" / "u1" / ".fedpersona" / cfg.federation_key
+    earlier.mkdir(parents=True)
+    legacy = {"target_epsilon": 8.0, "target_delta": DELTA, "history": [list(ENTRY)],
+              "rounds": 1, "epsilon": 0.0, "accountant": "rdp", "open_round": None}
+    (earlier / "ledger.json").write_text(json.dumps(legacy))
+    (earlier / "state.json").write_text('{"cluster": 1}')
+
     # Act
-    ledger = other.load_ledger(target_epsilon=8.0, target_delta=DELTA)
-    adapter = other.load_user_adapter()
+    store = DeviceStore.simulated(cfg, "u1", tmp_path / "pop" / "users" / "u1")
 
     # Assert
-    assert ledger.history == [] and ledger.epsilon == 0.0
-    assert adapter is None
-    assert one.load_ledger(target_epsilon=8.0, target_delta=DELTA).history
+    assert store.root == tmp_path / "run" / "devices" / "u1" and not earlier.exists()
+    assert store.load_ledger(target_epsilon=8.0, target_delta=DELTA).history == [ENTRY]
+    assert store.load_state() == {"cluster": 1}
+
+
+def test_the_ledger_lock_serializes_two_federations(tmp_path):
+    import threading
+
+    one = DeviceStore.on_device(tmp_path / "user", "key-one")
+    other = DeviceStore.on_device(tmp_path / "user", "key-two")
+    order = []
+
+    def spend(store, name):
+        with store.ledger_lock():
+            ledger = store.load_ledger(target_epsilon=8.0, target_delta=DELTA)
+            order.append(f"{name} read")
+            threading.Event().wait(0.2)  # the other would read the same spending here
+            ledger.record(ENTRY, federation=store.federation)
+            store.save_ledger(ledger)
+            order.append(f"{name} wrote")
+
+    threads = [threading.Thread(target=spend, args=(s, n)) for s, n in ((one, "a"), (other, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert one.load_ledger(target_epsilon=8.0, target_delta=DELTA).history == [ENTRY, ENTRY]
+    assert order[1].endswith("wrote") and order[3].endswith("wrote")
 
 
 def test_federation_key_depends_on_run_dir_and_adapter_shape():
@@ -212,12 +330,13 @@ def test_federation_key_depends_on_run_dir_and_adapter_shape():
 
 def test_an_unlimited_budget_survives_the_round_trip(tmp_path):
     # no-DP runs use target-epsilon = inf; JSON has no Infinity
-    store = DeviceStore(tmp_path, "fed")
+    store = DeviceStore.on_device(tmp_path, "fed")
     ledger = store.load_ledger(target_epsilon=math.inf, target_delta=1e-5)
     ledger.record()
     store.save_ledger(ledger)
 
-    again = DeviceStore(tmp_path, "fed").load_ledger(target_epsilon=math.inf, target_delta=1e-5)
+    again = DeviceStore.on_device(tmp_path, "fed").load_ledger(target_epsilon=math.inf,
+                                                               target_delta=1e-5)
 
     assert again.target_epsilon == math.inf and again.rounds == 1
 

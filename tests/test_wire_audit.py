@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
-from helpers import initial_server_state, node_context, round_message, small_config
+from helpers import initial_server_state, node_context, round_message, sim_store, small_config
 
 from client.client_app import make_client_app
 from client.mods.wire_log import WIRE_LOG, read_wire_log
-from client.store import DeviceStore
 from server.strategy import sent_part
 from shared.data.federation import load_run_population
 from shared.model.runtime import get_runtime
@@ -30,7 +29,7 @@ def _run(cfg, app, *, rounds=2, partition=0):
             reply = app(msg, node_context(partition))
             assert not reply.has_error(), reply.error
     user_dir = load_run_population(cfg).user_dir("u1")
-    return read_wire_log(DeviceStore(user_dir, cfg.federation_key).root / WIRE_LOG)
+    return read_wire_log(sim_store(cfg, user_dir).root / WIRE_LOG)
 
 
 def test_every_reply_is_logged_and_a_normal_client_passes(tmp_path):
@@ -63,7 +62,7 @@ def _leak_user_adapter(msg, context, call_next):
         from shared.protocol.wire import read_run_config
 
         cfg = read_run_config(msg.content["config"])
-        user = DeviceStore(resolve_user(context, cfg)[0], cfg.federation_key).load_user_adapter()
+        user = sim_store(cfg, resolve_user(context, cfg)[0]).load_user_adapter()
         record = reply.content[KEY_GLOBAL]
         for key in list(record):
             record[key] = Array(user[key].numpy())
@@ -144,7 +143,7 @@ def test_mod_records_nothing_but_passes_the_reply_when_it_cannot_log(tmp_path):
     app = make_client_app()
     state = initial_server_state(cfg)
     msg = round_message(cfg, state, "a", MessageType.TRAIN)
-    store_root = DeviceStore(load_run_population(cfg).user_dir("u1"), cfg.federation_key).root
+    store_root = sim_store(cfg, load_run_population(cfg).user_dir("u1")).root
     store_root.mkdir(parents=True)
     (store_root / WIRE_LOG).mkdir()  # a directory where the log file should be
 
@@ -365,7 +364,7 @@ def test_a_secagg_simulation_passes_the_wire_audit(tmp_path):
     assert code == 0
     population = load_run_population(cfg)
     for user in ("u1", "u2", "u3"):
-        log = read_wire_log(DeviceStore(population.user_dir(user), cfg.federation_key).root
+        log = read_wire_log(sim_store(cfg, population.user_dir(user)).root
                             / WIRE_LOG)
         stages = [e["secagg"]["stage"] for e in log if "secagg" in e]
         assert stages == list(SECAGG_STAGES)  # logged before Flower's mod pops the stage

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
-from client.node import resolve_user
+from client.node import node_store, resolve_user
 from client.store import DeviceStore
 from shared.protocol.records import npy_header
 from shared.protocol.wire import KEY_CONFIG, KEY_ROUND, read_run_config
@@ -50,8 +50,7 @@ def record_wire(msg: Message, context: Context,
     reply = call_next(msg, context)
     try:
         cfg = read_run_config(msg.content[KEY_CONFIG])
-        user_dir, _ = resolve_user(context, cfg)
-        store = DeviceStore(user_dir, cfg.federation_key)
+        store = node_store(cfg, *resolve_user(context, cfg))
         # the user adapter is read only for replies that carry tensors (train replies)
         carries_arrays = not reply.has_error() and bool(reply.content.array_records)
         entry = describe_reply(msg, reply,

@@ -27,6 +27,7 @@ from peft import PeftModel
 
 from client.serving.run_adapters import RunAdapters
 from client.store import DeviceStore
+from shared.data.userdata import load_profile
 from shared.model.adapters import ADAPTER_WEIGHTS, activate, level_state, lora_config, save_adapter
 from shared.model.base import base_model_name, load_base_model, resolve_model
 from shared.model.stack import concatenate, lora_scaling
@@ -62,7 +63,7 @@ def export_stack(adapters: RunAdapters, out: Path, *, persona: str | None = None
                                released=True, name=persona))
     user_state = None
     if user_dir is not None:
-        store = DeviceStore(Path(user_dir), cfg.federation_key)
+        store = DeviceStore.of_run(cfg, load_profile(Path(user_dir)).user_id, Path(user_dir))
         user_state = store.load_user_adapter()
         if user_state is None:
             raise ExportError(f"{user_dir}: no user adapter of this run on the device (it "

@@ -42,7 +42,8 @@ def choose_for_user(evaluator, user_dir: Path, *, shots: int = MAX_SHOTS) -> Ada
     ``shots`` records, on the device; nothing is trained.
     """
     user = load_user(user_dir, allow_empty=True)
-    user_state = DeviceStore(user_dir, evaluator.cfg.federation_key).load_user_adapter()
+    user_state = DeviceStore.of_run(evaluator.cfg, user.profile.user_id,
+                                    user_dir).load_user_adapter()
     known = tuple(p for p in evaluator.persona_states if p not in evaluator.untrained_personas)
     losses, global_loss = None, None
     declared = user.profile.persona if user.profile.persona in known else None

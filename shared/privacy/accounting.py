@@ -114,16 +114,35 @@ def calibrate_noise(spent: Sequence[HistoryEntry], per_round: Callable[[float], 
 
 @dataclass
 class PrivacyLedger:
-    """One user's privacy spending; persisted on the device after every round."""
+    """One device's privacy spending, composed over every federation it joins.
+
+    The budget belongs to the device's data, not to a run: a new run, or a run
+    directory copied or moved, adds to the same history. Each entry remembers the
+    federation that spent it (``sources``), and each federation its rounds, so a run
+    can still read its own share (the device's planned rounds, the ledger audit)
+    while the budget is enforced on everything."""
 
     target_epsilon: float
     target_delta: float
     history: list[HistoryEntry] = field(default_factory=list)
-    rounds: int = 0
     accountant: str = "rdp"  # the one the budget is enforced with
+    sources: list[str] = field(default_factory=list)  # the federation of each history entry
+    federation_rounds: dict[str, int] = field(default_factory=dict)
     # The round accounted last whose reply has not yet been released: (server round,
-    # instruction digest, history length and rounds before it); see :meth:`reopen`.
-    open_round: tuple[int, str, int, int] | None = None
+    # instruction digest, history length before it, its federation, that federation's
+    # rounds before it); see :meth:`reopen`.
+    open_round: tuple[int, str, int, str, int] | None = None
+
+    @property
+    def rounds(self) -> int:
+        """Rounds accounted over every federation (with or without DP steps)."""
+        return sum(self.federation_rounds.values())
+
+    def rounds_in(self, federation: str) -> int:
+        return self.federation_rounds.get(federation, 0)
+
+    def history_of(self, federation: str) -> list[HistoryEntry]:
+        return [e for e, source in zip(self.history, self.sources) if source == federation]
 
     @property
     def epsilon(self) -> float:
@@ -141,19 +160,21 @@ class PrivacyLedger:
     def can_afford(self, *entries: HistoryEntry) -> bool:
         return self.epsilon_after(*entries) <= self.target_epsilon
 
-    def record(self, *entries: HistoryEntry, opening: tuple[int, str] | None = None) -> None:
-        """Add one round's mechanisms (called before their results may leave the device).
-        ``opening`` (server round, instruction digest) marks the round open until
-        :meth:`close`."""
+    def record(self, *entries: HistoryEntry, opening: tuple[int, str] | None = None,
+               federation: str = "") -> None:
+        """Add one round's mechanisms, spent in ``federation`` (called before their
+        results may leave the device). ``opening`` (server round, instruction digest)
+        marks the round open until :meth:`close`."""
         for entry in entries:
             sigma, q, steps = entry
             if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and math.isfinite(sigma)):
                 raise ValueError(f"invalid accountant entry {entry}")
-        before = (len(self.history), self.rounds)
+        before = (len(self.history), federation, self.rounds_in(federation))
         for sigma, q, steps in entries:
             if steps:
                 self.history.append((float(sigma), float(q), int(steps)))
-        self.rounds += 1
+                self.sources.append(federation)
+        self.federation_rounds[federation] = self.rounds_in(federation) + 1
         if opening is not None:
             self.open_round = (*opening, *before)
 
@@ -169,9 +190,25 @@ class PrivacyLedger:
         identical entries are recorded. True if something was taken back."""
         if self.open_round is None or self.open_round[:2] != (server_round, instruction):
             return False
-        history_len, rounds = self.open_round[2:]
-        self.history, self.rounds, self.open_round = self.history[:history_len], rounds, None
+        history_len, federation, rounds = self.open_round[2:]
+        self.history, self.sources = self.history[:history_len], self.sources[:history_len]
+        self.federation_rounds[federation] = rounds
+        if not rounds:  # as a ledger that never saw this federation, and its JSON
+            del self.federation_rounds[federation]
+        self.open_round = None
         return True
+
+    def merge(self, other: PrivacyLedger) -> None:
+        """Compose ``other``'s history into this one (an older per-federation ledger
+        folded into the device's); the stricter budget holds."""
+        if other.target_delta != self.target_delta:
+            raise ValueError(f"ledgers at delta {other.target_delta} and {self.target_delta} "
+                             "cannot be composed into one budget")
+        self.history += other.history
+        self.sources += other.sources
+        for federation, rounds in other.federation_rounds.items():
+            self.federation_rounds[federation] = self.rounds_in(federation) + rounds
+        self.target_epsilon = min(self.target_epsilon, other.target_epsilon)
 
     def to_json(self) -> dict:
         # JSON has no Infinity: an unlimited budget is written as null
@@ -179,25 +216,36 @@ class PrivacyLedger:
         return {"target_epsilon": budget, "target_delta": self.target_delta,
                 "history": [list(e) for e in self.history], "rounds": self.rounds,
                 "epsilon": self.epsilon, "accountant": self.accountant,
-                "rdp_epsilon": self.rdp_epsilon,
+                "rdp_epsilon": self.rdp_epsilon, "sources": list(self.sources),
+                "federation_rounds": dict(self.federation_rounds),
                 "open_round": list(self.open_round) if self.open_round else None}
 
     @classmethod
-    def from_json(cls, raw: dict) -> PrivacyLedger:
+    def from_json(cls, raw: dict, *, federation: str = "") -> PrivacyLedger:
+        """``federation``: whose spending a ledger written before entries were attributed
+        holds (the per-federation ledgers of earlier versions)."""
         budget = raw["target_epsilon"]
+        history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
+        sources = [str(s) for s in raw.get("sources", [federation] * len(history))]
+        if len(sources) != len(history):
+            raise ValueError(f"{len(history)} history entries but {len(sources)} sources")
+        rounds = raw.get("federation_rounds", {federation: int(raw.get("rounds", 0))})
         return cls(target_epsilon=math.inf if budget is None else float(budget),
-                   target_delta=float(raw["target_delta"]),
-                   history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
-                   rounds=int(raw.get("rounds", 0)),
+                   target_delta=float(raw["target_delta"]), history=history,
                    accountant=_known_accountant(raw.get("accountant", "rdp")),
-                   open_round=_open_round(raw.get("open_round")))
+                   sources=sources,
+                   federation_rounds={str(k): int(v) for k, v in rounds.items() if int(v)},
+                   open_round=_open_round(raw.get("open_round"), federation))
 
 
-def _open_round(raw) -> tuple[int, str, int, int] | None:
+def _open_round(raw, federation: str) -> tuple[int, str, int, str, int] | None:
     if raw is None:
         return None
-    server_round, instruction, history_len, rounds = raw
-    return int(server_round), str(instruction), int(history_len), int(rounds)
+    if len(raw) == 4:  # written before entries were attributed: (round, digest, len, rounds)
+        server_round, instruction, history_len, rounds = raw
+        return int(server_round), str(instruction), int(history_len), federation, int(rounds)
+    server_round, instruction, history_len, source, rounds = raw
+    return int(server_round), str(instruction), int(history_len), str(source), int(rounds)
 
 
 def _known_accountant(name) -> str:

@@ -58,13 +58,17 @@ class AuditFailed(Exception):
 
 # -- checks that hold the implementation to its promise -------------------------------------
 
-def _devices(cfg, user_dirs: Sequence[Path] | None) -> list[tuple[str, Path]]:
-    """(user id, directory) of the devices to check: the simulated population's training
-    users, or the user directories given (a deployment: run the check on each device)."""
+def _devices(cfg, user_dirs: Sequence[Path] | None) -> list[tuple[str, Path, DeviceStore]]:
+    """(user id, directory, store) of the devices to check: the simulated population's
+    training users, or the user directories given (a deployment: run the check on each
+    device)."""
     if user_dirs:
-        return [(load_user(Path(d)).profile.user_id, Path(d)) for d in user_dirs]
+        return [(load_user(Path(d)).profile.user_id, Path(d),
+                 DeviceStore.on_device(Path(d), cfg.federation_key)) for d in user_dirs]
     population = load_run_population(cfg)
-    return [(e.user_id, population.user_dir(e.user_id)) for e in training_users(population, cfg)]
+    return [(e.user_id, population.user_dir(e.user_id),
+             DeviceStore.simulated(cfg, e.user_id, population.user_dir(e.user_id)))
+            for e in training_users(population, cfg)]
 
 
 def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict:
@@ -75,19 +79,20 @@ def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict
             trained[user] = trained.get(user, 0) + 1
     reported = report["privacy"].get("epsilon_per_user", {})
     findings: list[LedgerFinding] = []
-    for user_id, user_dir in _devices(cfg, user_dirs):
-        raw = DeviceStore(user_dir, cfg.federation_key).ledger_json() or {
+    for user_id, user_dir, store in _devices(cfg, user_dirs):
+        raw = store.ledger_json() or {
             "target_epsilon": None, "target_delta": cfg.target_delta, "history": [],
             "epsilon": 0.0, "rounds": 0}
         rate = sample_rate(cfg.batch_size, len(load_user(user_dir).train), cfg.dp_sample_rate)
 
-        def plan(ledger, private_choice, rate=rate):
+        def plan(ledger, private_choice, rate=rate, federation=store.federation):
             return round_mechanisms(cfg, ledger, rate, private_choice and bool(
-                cfg.discovered_k and cfg.selection_noise)).entries
+                cfg.discovered_k and cfg.selection_noise), federation).entries
         # the server names deployed devices by node id: its counts then match no user id
         finding = audit_ledger(raw, user_id=user_id, plan=plan,
                                trained_rounds=trained.get(user_id, 0) if cfg.dp else 0,
-                               server_epsilon=reported.get(user_id))
+                               server_epsilon=reported.get(user_id),
+                               federation=store.federation)
         if not cfg.dp and raw["history"]:
             finding.problems.append("a run without DP accounted DP steps")
         findings.append(finding)
@@ -107,8 +112,7 @@ def wire_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict:
     expected = {k: tuple(v.shape) for k, v in sent_part(get_runtime(cfg).initial["global"],
                                                           cfg.lora_scheme).items()}
     problems, replies, arrays = [], 0, 0
-    for user_id, user_dir in _devices(cfg, user_dirs):
-        store = DeviceStore(user_dir, cfg.federation_key)
+    for user_id, _, store in _devices(cfg, user_dirs):
         log = read_wire_log(store.root / WIRE_LOG)
         replies += len(log)
         arrays += sum(len(r.get("arrays", {})) for e in log

@@ -14,6 +14,11 @@ PRV as a second, tighter opinion), and checks that
   device's choice is replayed round by round from the ledger's own prefix;
 - the ledger holds at least one round of DP steps for every round the server
   counted an update from this user, and at least the epsilon the device reported.
+
+A device's ledger composes every federation it joined. Epsilon and the budget are
+checked on all of it; the entries are checked against this run's settings only
+where the ledger attributes them to this run's federation (the others' settings are
+not this run's to know), and still count in the replay's spending so far.
 """
 
 from __future__ import annotations
@@ -63,13 +68,16 @@ def _same(a: float, b: float) -> bool:
 
 def audit_ledger(raw: dict, *, user_id: str, train_entry: HistoryEntry | None = None,
                  extra_entries: Sequence[HistoryEntry] = (), plan: RoundPlan | None = None,
-                 trained_rounds: int = 0,
-                 server_epsilon: float | None = None) -> LedgerFinding:
+                 trained_rounds: int = 0, server_epsilon: float | None = None,
+                 federation: str = "") -> LedgerFinding:
     """``raw``: the ledger's JSON. Either ``train_entry``, what one round of this run
     accounts, with ``extra_entries``, other mechanisms the run may add (the private
     persona choice); or ``plan``, which the audit replays round by round (a noise
-    multiplier calibrated from the ledger itself)."""
+    multiplier calibrated from the ledger itself). ``federation``: the run's name in
+    the ledger's attribution."""
     history = [(float(s), float(q), int(n)) for s, q, n in raw.get("history", [])]
+    sources = [str(s) for s in raw.get("sources", [federation] * len(history))]
+    own = [source == federation for source in sources]
     delta = float(raw["target_delta"])
     budget = math.inf if raw.get("target_epsilon") is None else float(raw["target_epsilon"])
     accountant = raw.get("accountant", "rdp")
@@ -79,17 +87,20 @@ def audit_ledger(raw: dict, *, user_id: str, train_entry: HistoryEntry | None = 
     except (ValueError, RuntimeError, OverflowError):
         prv = None  # PRV's numerical grid does not cover every (sigma, q); RDP decides
     if plan is not None:
-        allowed, train_entries = _replay(history, plan, budget=budget, delta=delta,
-                                         accountant=accountant)
+        allowed, train_entries = _replay(history, sources, plan, federation=federation,
+                                         budget=budget, delta=delta, accountant=accountant)
     else:
         if train_entry is None:
             raise ValueError("audit_ledger needs train_entry or plan")
-        allowed = [any(_matches(e, a) for a in (train_entry, *extra_entries)) for e in history]
-        train_entries = sum(1 for entry in history if _matches(entry, train_entry))
+        allowed = [not mine or any(_matches(e, a) for a in (train_entry, *extra_entries))
+                   for e, mine in zip(history, own)]
+        train_entries = sum(1 for entry, mine in zip(history, own)
+                            if mine and _matches(entry, train_entry))
+    rounds = raw.get("federation_rounds", {federation: raw.get("rounds", 0)})
     enforced = prv if accountant == "prv" else rdp
     finding = LedgerFinding(
         user_id=user_id, stored_epsilon=raw.get("epsilon"), rdp_epsilon=rdp, prv_epsilon=prv,
-        target_epsilon=budget, delta=delta, rounds=int(raw.get("rounds", 0)),
+        target_epsilon=budget, delta=delta, rounds=int(rounds.get(federation, 0)),
         train_entries=train_entries, trained_rounds=trained_rounds,
         server_epsilon=server_epsilon, accountant=accountant)
     stored = raw.get("epsilon")
@@ -121,15 +132,22 @@ def audit_ledger(raw: dict, *, user_id: str, train_entry: HistoryEntry | None = 
     return finding
 
 
-def _replay(history: list[HistoryEntry], plan: RoundPlan, *, budget: float, delta: float,
+def _replay(history: list[HistoryEntry], sources: list[str], plan: RoundPlan, *,
+            federation: str, budget: float, delta: float,
             accountant: str) -> tuple[list[bool], int]:
     """Walk ``history`` round by round as the device planned it: which entries match
-    the plan, and how many rounds of DP steps it holds. The walk stops at the first
-    entry no plan explains (everything after it is flagged)."""
+    the plan, and how many rounds of DP steps it holds. Other federations' entries are
+    taken as spent where they stand. The walk stops at the first entry of this
+    federation that no plan explains (everything after it is flagged)."""
     ledger = PrivacyLedger(target_epsilon=budget, target_delta=delta, accountant=accountant)
     allowed = [False] * len(history)
     position = rounds = 0
     while position < len(history):
+        if sources[position] != federation:
+            ledger.record(history[position], federation=sources[position])
+            allowed[position] = True
+            position += 1
+            continue
         for private_choice in (False, True):
             entries = plan(ledger, private_choice)
             span = history[position:position + len(entries or [])]
@@ -139,7 +157,7 @@ def _replay(history: list[HistoryEntry], plan: RoundPlan, *, budget: float, delt
         else:
             return allowed, rounds
         allowed[position:position + len(entries)] = [True] * len(entries)
-        ledger.record(*entries)
+        ledger.record(*entries, federation=federation)
         position += len(entries)
         rounds += 1
     return allowed, rounds

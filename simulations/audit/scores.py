@@ -110,7 +110,7 @@ def score_run(run_dir: Path, *, candidates: int = 1000,
 
 def _persona(ev: RunAdapters, population, entry) -> str | None:
     if ev.cfg.discovered_k:
-        cluster = DeviceStore(population.user_dir(entry.user_id),
-                              ev.cfg.federation_key).load_state().get("cluster", -1)
+        cluster = DeviceStore.simulated(ev.cfg, entry.user_id, population.user_dir(
+            entry.user_id)).load_state().get("cluster", -1)
         return f"cluster-{cluster}" if cluster >= 0 else None
     return entry.persona if entry.persona in ev.persona_states else None

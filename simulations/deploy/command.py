@@ -71,13 +71,18 @@ def superlink_command(certs: Path | None, *, host: str = "127.0.0.1",
 
 
 def supernode_command(*, superlink: str, user_dir: Path, port: int, ca: Path | None,
-                      key: Path | None, max_wait: float | None = None) -> list[str]:
-    """One device: its user directory is the only data its ClientApp reads."""
+                      key: Path | None, max_wait: float | None = None,
+                      epsilon_budget: float | None = None) -> list[str]:
+    """One device: its user directory is the only data its ClientApp reads;
+    ``epsilon_budget``, the device's own cap on its lifetime spending."""
     user_dir = Path(user_dir).expanduser().resolve()
     if not (user_dir / "profile.json").is_file():
         raise DeployError(f"{user_dir}: not a user directory (no profile.json)")
+    node_config = f"user-dir={json.dumps(str(user_dir))}"
+    if epsilon_budget is not None:
+        node_config += f" epsilon-budget={float(epsilon_budget)!r}"
     command = [_executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
-               "--node-config", f"user-dir={json.dumps(str(user_dir))}"]
+               "--node-config", node_config]
     if ca is None:
         command.append("--insecure")
     else:

@@ -164,7 +164,7 @@ def _load_served(ev: RunAdapters, population,
     """Load the stack this user's device serves (the run's global, its persona or the
     cluster it chose last, its own user adapter); return the persona's name and whether
     the device holds a user adapter."""
-    store = DeviceStore(population.user_dir(entry.user_id), ev.cfg.federation_key)
+    store = DeviceStore.simulated(ev.cfg, entry.user_id, population.user_dir(entry.user_id))
     persona = entry.persona if entry.persona in ev.persona_states else None
     if ev.cfg.discovered_k:  # the cluster this device chose last
         cluster = store.load_state().get("cluster", -1)
@@ -247,8 +247,9 @@ def against_levels(levels: dict, baselines: dict, untrained: Sequence[str] = ())
 
 def _rounds_trained(cfg: RunConfig, population, entry: PopulationEntry) -> int:
     """Rounds the device trained in, from its ledger (counted with or without DP)."""
-    return DeviceStore(population.user_dir(entry.user_id), cfg.federation_key).load_ledger(
-        target_epsilon=float("inf"), target_delta=cfg.target_delta).rounds
+    store = DeviceStore.simulated(cfg, entry.user_id, population.user_dir(entry.user_id))
+    return store.load_ledger(target_epsilon=float("inf"),
+                             target_delta=cfg.target_delta).rounds_in(store.federation)
 
 
 def user_seed(seed: int, user_id: str, purpose: str) -> int:
