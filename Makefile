@@ -13,7 +13,8 @@ STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.fedpersona-installed
 .PHONY: demo test test-fast lint install check-install
 
 demo: $(STAMP)
-	$(PY) -m simulations.cli simulate --out runs/demo
+	$(PY) -m simulations.cli simulate --out runs/demo \
+	  $(if $(wildcard runs/demo/run.json runs/demo/checkpoint/LATEST),--resume)
 
 test: lint
 	$(PY) -m pytest -q

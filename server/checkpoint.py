@@ -86,6 +86,15 @@ def save_checkpoint(run_dir: Path, state: ServerState, lora: LoraConfig) -> Path
     return root / name
 
 
+def checkpoint_round(run_dir: Path) -> int:
+    """The round of the run's last complete snapshot (0 without one), its adapters unread."""
+    latest = Path(run_dir) / "checkpoint" / "LATEST"
+    if not latest.is_file():
+        return 0
+    return _read_meta(Path(run_dir) / "checkpoint" / latest.read_text().strip()
+                      / "state.json")["round"]
+
+
 def load_checkpoint(run_dir: Path) -> ServerState | None:
     """The last complete snapshot, or ``None`` when the run has none."""
     root = Path(run_dir) / "checkpoint"

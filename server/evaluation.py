@@ -96,6 +96,12 @@ def final_report(grid: Grid, run: Run, started: float,
     online = run.nodes.refresh(grid)
     progress(f"evaluating {len(online)} users at {len(EVAL_LEVELS)} levels")
     per_user, tallies = evaluate_nodes(grid, run, online, final=True)
+    untested = sorted(u for u, levels in per_user.items()
+                      if not any(stats.tokens for stats in levels.values()))
+    if untested:
+        progress(f"warning: {len(untested)} of {len(per_user)} users have no test records "
+                 f"and are left out of the tables: {', '.join(untested[:8])}"
+                 + (", ..." if len(untested) > 8 else ""))
     truth = {u.user_id: u.attributes.get("genre", u.persona) for u in run.users}
     report = {
         "config": cfg.to_flower(), "num_users": len(run.users),
@@ -113,6 +119,7 @@ def final_report(grid: Grid, run: Run, started: float,
         "user_level_privacy": (state.central_dp.summary() if cfg.central_dp and state.central_dp
                                else {"central_dp": False}),
         "levels": level_metrics(per_user),
+        "users_without_test_records": untested,
         "user_adapter_check": user_check_summary(tallies, cfg.user_holdout_fraction),
         **({"discovery": discovery_report(state, truth, cfg)} if cfg.discovered_k else {}),
         "adapters": {"global": "adapters/global",

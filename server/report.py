@@ -266,6 +266,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if "levels" in report:
         lines += ["## Test metrics per level (macro over users, ± 95% CI)", "",
                   levels_table(report["levels"]), ""]
+        untested = report.get("users_without_test_records") or []
+        if untested:
+            lines += [f"{len(untested)} users have no test records and are not in these rows: "
+                      f"{', '.join(untested)}.", ""]
         lines += user_check_lines(report.get("user_adapter_check"))
     lines += baselines_lines(report)
     lines += federation_gain_lines(report.get("federation_gain"))

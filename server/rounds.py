@@ -45,9 +45,17 @@ class RoundReplies:
     private_choices: list[int] = field(default_factory=list)
 
 
+class RoundAbandoned(Exception):
+    """The round lost replies while the run was stopping; nothing of it was saved."""
+
+
 def run_round(grid: Grid, run: Run, server_round: int, progress: Callable[[str], None], *,
-              secagg_observer: Callable[[str, Message], None] | None = None) -> None:
-    """Sample, send, validate the replies, aggregate, checkpoint: one round."""
+              secagg_observer: Callable[[str, Message], None] | None = None,
+              stopping: Callable[[], bool] = lambda: False) -> None:
+    """Sample, send, validate the replies, aggregate, checkpoint: one round. A round that
+    lost replies while the run is ``stopping`` (a signal that reached the clients too) is
+    abandoned before anything is saved (:class:`RoundAbandoned`): resumed, it is sent
+    again and the devices replay what they released."""
     cfg, state = run.cfg, run.state
     t0 = time.monotonic()
     online = run.nodes.refresh(grid)
@@ -70,6 +78,9 @@ def run_round(grid: Grid, run: Run, server_round: int, progress: Callable[[str],
                list(grid.send_and_receive(messages, timeout=reply_timeout(cfg))))
     got = collect_replies(run, replies, chosen, server_round, secure=secure,
                           discovering=discovering)
+    if got.rejected and stopping():
+        raise RoundAbandoned(f"round {server_round} lost {len(got.rejected)} replies while "
+                             "stopping")
     # Aggregate in a fixed order (by user), not arrival order: float sums then
     # reproduce exactly, so a resumed run matches an uninterrupted one.
     accepted = [u for _, u in sorted(got.accepted, key=lambda pair: pair[0])]

@@ -15,6 +15,7 @@ from server.aggregation import CentralLedger, plan_levels
 from server.checkpoint import ServerState, load_checkpoint
 from server.evaluation import fixed_eval_users
 from server.nodes import Nodes, wait_for_nodes
+from server.run_record import check_run_dir, write_record
 from server.strategy import sent_part
 from shared.config import RunConfig, expand_path
 from shared.data.federation import load_run_population, training_users
@@ -74,6 +75,9 @@ def start_run(grid: Grid, cfg: RunConfig, progress: Callable[[str], None]) -> Ru
     personas = cluster_names(k) if k else (cfg.persona_name_list or population.personas)
     runtime = get_runtime(cfg)
     state = load_checkpoint(run_dir)
+    check_run_dir(run_dir, cfg, data_dir=population.root if population else None,
+                  done_rounds=state.round if state else 0)
+    write_record(run_dir, cfg, population.root if population else None)
     if state is None:
         state = ServerState(round=0, global_state=dict(runtime.initial["global"]),
                             persona_states=initial_personas(runtime, personas, cfg))

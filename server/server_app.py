@@ -14,8 +14,9 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from server.evaluation import final_report
-from server.rounds import run_round
+from server.rounds import RoundAbandoned, run_round
 from server.run import start_run
+from server.run_record import new_run_dir
 from shared.config import RunConfig
 
 app = ServerApp()
@@ -23,14 +24,28 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, RunConfig.from_mapping(context.run_config))
+    cfg = RunConfig.from_mapping(context.run_config)
+    if not cfg.run_dir:  # every run its own directory, which the devices are told
+        cfg = cfg.replace(run_dir=str(new_run_dir()))
+    run_server(grid, cfg)
+
+
+class StoppedBetweenRounds(Exception):
+    """The run was asked to stop; every round up to ``after_round`` is checkpointed."""
+
+    def __init__(self, after_round: int):
+        super().__init__(f"stopped after round {after_round}")
+        self.after_round = after_round
 
 
 def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = print, *,
-               secagg_observer: Callable[[str, Message], None] | None = None) -> dict:
+               secagg_observer: Callable[[str, Message], None] | None = None,
+               should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Train for ``num-rounds`` (resuming from the run directory's checkpoint), evaluate,
     and write the report. Returns the report. ``secagg_observer`` is shown every reply
-    of the SecAgg+ protocol (:class:`server.secagg.SecureRound`)."""
+    of the SecAgg+ protocol (:class:`server.secagg.SecureRound`). ``should_stop`` is
+    asked after every round's checkpoint: true ends the run there
+    (:class:`StoppedBetweenRounds`), to be resumed."""
     started = time.monotonic()
     run = start_run(grid, cfg, progress)
     first, rounds_started = run.state.round, time.monotonic()
@@ -41,7 +56,13 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
             per_round = (time.monotonic() - rounds_started) / done
             progress(line + (f"; about {remaining(per_round * left)} left" if left else ""))
 
-        run_round(grid, run, server_round, with_eta, secagg_observer=secagg_observer)
+        try:
+            run_round(grid, run, server_round, with_eta, secagg_observer=secagg_observer,
+                      stopping=should_stop)
+        except RoundAbandoned:
+            raise StoppedBetweenRounds(server_round - 1) from None
+        if should_stop() and server_round < cfg.num_rounds:
+            raise StoppedBetweenRounds(server_round)
     return final_report(grid, run, started, progress)
 
 

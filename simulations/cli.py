@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     lamp.add_argument("--tokenizer", default="smollm2")
 
     simulate = commands.add_parser("simulate", help="run the federated simulation")
-    simulate.add_argument("--out", type=Path, help="run directory (adapters, reports)")
+    simulate.add_argument("--out", type=Path, help="run directory (adapters, reports); a new "
+                          "or empty one (default: a new one under the cache)")
+    simulate.add_argument("--resume", action="store_true",
+                          help="continue the run in --out from its last checkpoint (a resume "
+                               "may change only num-rounds and where things live)")
     simulate.add_argument("-v", "--verbose", action="store_true",
                           help="show the libraries' output too (else it goes to RUN/run.log)")
     simulate.add_argument("settings", nargs="*", metavar="key=value",
@@ -243,6 +248,8 @@ def _add_audit_arguments(parser: argparse.ArgumentParser, *, plant: bool) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from simulations.run.stop import RunStopped
+
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -251,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("fedpersona: interrupted", file=sys.stderr)
+        return 130
+    except RunStopped as stopped:
+        print(f"fedpersona: {stopped}", file=sys.stderr, flush=True)
+        if stopped.at_once:  # the server's thread is still in its round: do not wait for it
+            sys.stdout.flush()
+            os._exit(130)
         return 130
 
 
@@ -292,7 +305,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         from simulations.run.simulate import run_simulation_command
 
-        return run_simulation_command(args.out, args.settings, verbose=args.verbose)
+        return run_simulation_command(args.out, args.settings, verbose=args.verbose,
+                                      resume=args.resume)
     if args.command == "compare":
         from simulations.run.compare import run_compare_command
 
@@ -429,11 +443,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         levels_table,
         served_stack_lines,
     )
+    from server.run_record import require_writable
     from shared.util.atomic import write_json_atomic
     from simulations.run.evaluate import evaluate_run
 
     # (0 cold-start or strawman users means all of them)
     _check_at_least(args, k=0, cold_start_users=0, baseline_users=0, context_tokens=0)
+    if args.run.is_dir():  # evaluation.json goes there: say so before the work, not after
+        require_writable(args.run)
     result = evaluate_run(args.run, cold_start_k=args.k, cold_start_users=args.cold_start_users,
                           baseline_users=args.baseline_users, context_tokens=args.context_tokens,
                           full=args.full)

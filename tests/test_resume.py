@@ -3,6 +3,7 @@ crash-safe ledger writes, and a real SIGKILL of a simulation mid-round, resumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -310,9 +311,9 @@ SETTINGS = ("model=tiny", "num-rounds=4", "max-users=0", "clients-per-round=3", 
 USERS = ("u1", "u2", "u3")
 
 
-def _command(run_dir: Path, population: Path) -> list[str]:
+def _command(run_dir: Path, population: Path, *, resume: bool = False) -> list[str]:
     return [sys.executable, "-m", "simulations.cli", "simulate", "--out", str(run_dir),
-            f"data-dir={population}", *SETTINGS]
+            *(["--resume"] if resume else []), f"data-dir={population}", *SETTINGS]
 
 
 def _stores(run_dir: Path, population: Path) -> dict[str, DeviceStore]:
@@ -321,9 +322,11 @@ def _stores(run_dir: Path, population: Path) -> dict[str, DeviceStore]:
     return {u: sim_store(cfg, population / "users" / u) for u in USERS}
 
 
-def _run(run_dir: Path, population: Path, log: Path) -> subprocess.CompletedProcess:
+def _run(run_dir: Path, population: Path, log: Path, *,
+         resume: bool = False) -> subprocess.CompletedProcess:
     with log.open("w") as out:
-        result = subprocess.run(_command(run_dir, population), cwd=REPO, stdout=out,
+        result = subprocess.run(_command(run_dir, population, resume=resume), cwd=REPO,
+                                stdout=out,
                                 stderr=subprocess.STDOUT, timeout=240, check=False)
     assert result.returncode == 0, log.read_text()[-3000:]
     return result
@@ -442,8 +445,8 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
         time.sleep(0.2)
     assert leftovers == [], f"processes of the killed run still alive: {leftovers}"
 
-    # Act 2: the same command, the same run directory
-    _run(killed, population, tmp_path / "killed-2.log")
+    # Act 2: the same command, the same run directory, resumed
+    _run(killed, population, tmp_path / "killed-2.log", resume=True)
 
     # Assert 2: resumed after round 2, and the same final result as the straight run
     assert f"resuming {killed} after round 2" in (tmp_path / "killed-2.log").read_text()
@@ -466,6 +469,72 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
         killed_history = json.loads(after.ledger_path.read_text())["history"]
         assert killed_history == straight_history, (user, at_kill)
         assert b.epsilon_per_user[user] == a.epsilon_per_user[user]
+
+
+def _stopped_by(signals: list[int], run_dir: Path, population: Path, log: Path, *,
+                when: str, resume: bool, group: bool) -> tuple[int, str]:
+    """Start the command, send ``signals`` once ``when`` is printed (to its process group,
+    as Ctrl-C in a terminal does, or to the process, as ``kill`` does), wait; its exit
+    code and console output."""
+    started = time.monotonic()
+    with log.open("w") as out:
+        process = subprocess.Popen(_command(run_dir, population, resume=resume), cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            while when not in log.read_text():
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() - started < 180, f"{when!r} never came"
+                time.sleep(0.05)
+            for sig in signals:
+                (os.killpg if group else os.kill)(process.pid, sig)
+                time.sleep(0.2)
+            code = process.wait(timeout=180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log.read_text()
+
+
+@pytest.mark.integration
+def test_a_signal_stops_after_the_round_and_a_second_at_once_and_both_resume(tmp_path):
+    # Arrange: the uninterrupted run
+    population = tmp_path / "pop"
+    write_small_population(population)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _run(straight, population, tmp_path / "straight.log")
+
+    # Act 1: SIGTERM once (kill PID), in round 2
+    code, first = _stopped_by([signal.SIGTERM], stopped, population, tmp_path / "1.log",
+                              when="round 1/4", resume=False, group=False)
+
+    # Assert 1: stopped with round 2 checkpointed, and said how to resume
+    assert code == 130, first[-3000:]
+    assert f"stopped after round 2's checkpoint; resume with: fedpersona simulate --out " \
+           f"{stopped} --resume" in first
+    assert _latest(stopped) == "round-0002" and "Traceback" not in first
+
+    # Act 2: resumed, then Ctrl-C twice in round 4: stop at once
+    code, second = _stopped_by([signal.SIGINT, signal.SIGINT], stopped, population,
+                               tmp_path / "2.log", when="round 3/4", resume=True, group=True)
+
+    # Assert 2: round 4 dropped, round 3's checkpoint intact, nothing of Ray left running
+    assert code == 130, second[-3000:]
+    assert "stopped at its last checkpoint" in second and "Traceback" not in second
+    assert _latest(stopped) == "round-0003"
+
+    # Act 3: resumed to the end
+    _run(stopped, population, tmp_path / "3.log", resume=True)
+
+    # Assert 3: the uninterrupted run's result, spending included
+    a, b = load_checkpoint(straight), load_checkpoint(stopped)
+    assert a.round == b.round == 4
+    assert states_equal(a.global_state, b.global_state)
+    assert all(states_equal(a.persona_states[p], b.persona_states[p]) for p in a.persona_states)
+    assert _without_timing(a.history) == _without_timing(b.history)
+    assert a.epsilon_per_user == b.epsilon_per_user
+    report = {run: json.loads((run / "report.json").read_text()) for run in (straight, stopped)}
+    assert report[straight]["levels"] == report[stopped]["levels"]
 
 
 def _ray_processes_of(pid: int) -> list[str]:

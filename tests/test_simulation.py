@@ -73,3 +73,22 @@ def test_resume_after_restart_matches_uninterrupted_run(population, tmp_path):
     assert states_equal(a.global_state, b.global_state)
     assert all(states_equal(a.persona_states[p], b.persona_states[p]) for p in a.persona_states)
     assert states_equal(load_adapter_state(resumed / "adapters" / "global"), b.global_state)
+
+
+def test_users_without_test_records_are_named_not_silently_dropped(tmp_path):
+    # Arrange: u2 keeps its training records but its test.jsonl is empty
+    from helpers import small_config
+
+    cfg = small_config(tmp_path, num_rounds=1, clients_per_round=3, target_epsilon=50.0)
+    (tmp_path / "pop" / "users" / "u2" / "test.jsonl").write_text("")
+    said = []
+
+    # Act
+    report = simulate(cfg, final_evaluation=False, progress=said.append)
+
+    # Assert
+    assert report["users_without_test_records"] == ["u2"]
+    assert report["levels"]["base"]["users"] == 2
+    assert any(line.startswith("warning: 1 of 3 users have no test records") for line in said)
+    assert "1 users have no test records and are not in these rows: u2." in (
+        tmp_path / "run" / "report.md").read_text()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 from shared.config import ConfigError, RunConfig, parse_overrides
+from simulations.run.stop import RunStopped, StopRequest
 
 
 def app_config_defaults(pyproject: Path) -> dict:
@@ -50,21 +52,33 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     (:mod:`simulations.run.evaluate`) to the report, with plots. ``client_app``
     replaces the simulation's ClientApp (the device app with the fault injector; tests
     pass one that misbehaves); ``secagg_observer``
-    is shown every reply of the server's SecAgg+ rounds (tests check what it held)."""
+    is shown every reply of the server's SecAgg+ rounds (tests check what it held).
+
+    The run directory is checked before anything starts (a new run in an empty one, or
+    a resume that changes only what may change: :mod:`server.run_record`). SIGINT or
+    SIGTERM stops it after the current round's checkpoint, a second one at once
+    (:mod:`simulations.run.stop`); either raises :class:`RunStopped`."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
+    from server.checkpoint import checkpoint_round
     from server.run import run_dir_of
-    from server.server_app import run_server
+    from server.run_record import check_run_dir, new_run_dir
+    from server.server_app import StoppedBetweenRounds, run_server
     from shared.data.federation import load_run_population, training_users
     from shared.data.userdata import load_user
     from shared.model.base import resolve_model
     from simulations.faults import inject_faults
     from simulations.run.evaluate import evaluate_run
 
+    if not cfg.run_dir:
+        cfg = cfg.replace(run_dir=str(new_run_dir()))
     resolve_model(cfg.model)  # a missing model fails here, in one line, before Ray starts
     population = load_run_population(cfg)
+    run_dir = run_dir_of(cfg)
+    check_run_dir(run_dir, cfg, data_dir=population.root,
+                  done_rounds=checkpoint_round(run_dir) if run_dir.is_dir() else 0)
     users = training_users(population, cfg)
     if not users:
         raise ConfigError("the population has no training users")
@@ -78,13 +92,17 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     if note:
         progress(note)
     outcome: dict = {}
+    stop = StopRequest()
 
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid, context) -> None:  # the config is ours, not the empty one Flower passes
         try:
-            outcome["report"] = run_server(grid, cfg, progress, secagg_observer=secagg_observer)
+            outcome["report"] = run_server(grid, cfg, progress, secagg_observer=secagg_observer,
+                                           should_stop=stop.is_set)
+        except StoppedBetweenRounds as stopped:  # not an error: the run ends here, resumable
+            outcome["stopped"] = stopped.after_round
         except BaseException as err:  # surfaced in the calling thread below
             outcome["error"] = err
             raise
@@ -94,20 +112,51 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
                "init_args": {"num_cpus": cpus, "logging_level": "error",
                              "log_to_driver": True}}
     logging.getLogger("flwr").setLevel(logging.INFO)
-    run_simulation(server_app=server_app,
-                   client_app=client_app or make_client_app(inject_faults),
-                   num_supernodes=num_users, backend_config=backend)
+    try:
+        start_ray(backend["init_args"])
+        with stop.on_signals(progress):
+            run_simulation(server_app=server_app,
+                           client_app=client_app or make_client_app(inject_faults),
+                           num_supernodes=num_users, backend_config=backend)
+    except KeyboardInterrupt:  # the second signal: the round in flight is dropped
+        raise RunStopped(run_dir, after_round=None, at_once=True) from None
+    finally:
+        stop_ray()
+    if "stopped" in outcome:
+        raise RunStopped(run_dir, after_round=outcome["stopped"], at_once=False)
     if "error" in outcome:
         raise outcome["error"]
     if "report" not in outcome:
         raise RuntimeError(f"simulation ended without a report (see the log; run dir "
-                           f"{run_dir_of(cfg)})")
-    report = plot_round_by_round(run_dir_of(cfg), outcome["report"])
+                           f"{run_dir})")
+    report = plot_round_by_round(run_dir, outcome["report"])
     if final_evaluation:
-        report = finish_report(run_dir_of(cfg), report, evaluate_run(
-            run_dir_of(cfg), include_levels=False, cold_start_k=cold_start_k,
-            progress=progress))
+        report = finish_report(run_dir, report, evaluate_run(
+            run_dir, include_levels=False, cold_start_k=cold_start_k, progress=progress))
     return report
+
+
+def start_ray(init_args: dict) -> None:
+    """Start Ray as Flower's Ray backend would (it starts Ray only when none is up), here,
+    so that the signal handlers installed after it are ours: Ray's C++ core installs a
+    failure handler for SIGTERM that dumps a stack and aborts the driver (exit 134)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray's workers inherit the environment, not this process's sys.path (as Flower does)
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+             **init_args)
+
+
+def stop_ray() -> None:
+    """Ray down after a run (Flower's backend does it when the run ends normally)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def sampling_note(cfg: RunConfig, num_users: int) -> str | None:
@@ -161,15 +210,35 @@ def plot_round_by_round(run_dir: Path, report: dict) -> dict:
 
 
 def run_simulation_command(out: Path | None, settings: list[str], *,
-                           verbose: bool = False) -> int:
+                           verbose: bool = False, resume: bool = False) -> int:
     """The simulation with our lines on the console and the libraries' in ``run.log``
-    (``verbose``: everything on the console)."""
+    (``verbose``: everything on the console). A run directory that holds a run is
+    continued only with ``resume``; one that holds anything else is refused."""
+    from server.checkpoint import checkpoint_round
     from server.report import levels_table
     from server.run import run_dir_of
+    from server.run_record import check_run_dir, holds_run, new_run_dir
+    from shared.data.federation import load_run_population
+    from shared.model.base import resolve_model
     from simulations.run.console import RUN_LOG, quiet_libraries
 
     cfg = resolve_config(out, settings)
+    resolve_model(cfg.model)  # bad input fails before any directory is made
+    population = load_run_population(cfg)
+    if not cfg.run_dir:
+        if resume:
+            raise ConfigError("--resume needs the run's --out")
+        cfg = cfg.replace(run_dir=str(new_run_dir()))
     run_dir = run_dir_of(cfg)
+    exists = run_dir.is_dir() and holds_run(run_dir)
+    if exists and not resume:
+        raise ConfigError(f"{run_dir} holds a run (at round {checkpoint_round(run_dir)}); add "
+                          "--resume to continue it, or choose a new --out")
+    if resume and not exists:
+        raise ConfigError(f"{run_dir}: no run to resume")
+    # before run.log is written into it: a directory that is not a run stays untouched
+    check_run_dir(run_dir, cfg, data_dir=population.root,
+                  done_rounds=checkpoint_round(run_dir) if exists else 0)
     print(f"fedpersona simulate: run dir {run_dir}" + (
         "" if verbose else f" (library output in {run_dir / RUN_LOG}; -v shows it here)"))
     with quiet_libraries(run_dir / RUN_LOG, verbose=verbose) as say:
