@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resume", action="store_true",
                           help="continue the run in --out from its last checkpoint (a resume "
                                "may change only num-rounds and where things live)")
+    simulate.add_argument("--ray-address", metavar="HOST:PORT",
+                          help="run the clients on this Ray cluster (started with `ray start`) "
+                               "instead of a Ray started here; the report says where each ran")
     simulate.add_argument("-v", "--verbose", action="store_true",
                           help="show the libraries' output too (else it goes to RUN/run.log)")
     simulate.add_argument("settings", nargs="*", metavar="key=value",
@@ -306,7 +309,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from simulations.run.simulate import run_simulation_command
 
         return run_simulation_command(args.out, args.settings, verbose=args.verbose,
-                                      resume=args.resume)
+                                      resume=args.resume, ray_address=args.ray_address)
     if args.command == "compare":
         from simulations.run.compare import run_compare_command
 

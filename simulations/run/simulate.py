@@ -4,6 +4,26 @@ Settings come from ``[tool.flwr.app.config]`` of the ``pyproject.toml`` in the
 current directory when it is this app's (else the built-in defaults, which are
 the same), then from ``key=value`` overrides. One simulated SuperNode per
 training user; ``partition-id`` names the user on both sides.
+
+Why ``flwr.simulation.run_simulation``, which Flower 1.42 marks deprecated, and not
+``flwr run`` against a local SuperLink (which works for this app too:
+``tests/test_flwr_run.py``): ``flwr run`` starts the ServerApp and the ClientApps
+in processes of the SuperLink's, from the app's declared components, so what this
+command does in its own process does not come along (it would take a second app
+per variant):
+
+- a ClientApp other than the device's (the fault injector, the placement log on a
+  Ray cluster, the misbehaving clients of the tests) and the server's SecAgg+
+  observer (the tests' view of every protocol reply);
+- Ray started here before the signal handlers, so that Ctrl-C and SIGTERM stop
+  after a checkpoint (:mod:`simulations.run.stop`), and a Ray cluster joined with
+  ``--ray-address``;
+- the run's settings as one object, checked against the run directory before any
+  worker starts, and the evaluation in this process after the rounds.
+
+This module is the only user of ``run_simulation``;
+``tests/test_simulation.py::test_the_deprecated_engine_this_command_uses_is_there``
+fails when Flower removes it or changes what is passed to it.
 """
 
 from __future__ import annotations
@@ -45,7 +65,7 @@ def resolve_config(out: Path | None, settings: list[str], *,
 
 def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: bool = True,
              cold_start_k: int = 5, client_app=None, secagg_observer=None,
-             progress: Callable[[str], None] = print) -> dict:
+             progress: Callable[[str], None] = print, ray_address: str | None = None) -> dict:
     """Run the simulation to the end; return the report (raises what the server raised).
 
     ``final_evaluation`` adds the baselines and the cold-start evaluation
@@ -57,12 +77,17 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     The run directory is checked before anything starts (a new run in an empty one, or
     a resume that changes only what may change: :mod:`server.run_record`). SIGINT or
     SIGTERM stops it after the current round's checkpoint, a second one at once
-    (:mod:`simulations.run.stop`); either raises :class:`RunStopped`."""
+    (:mod:`simulations.run.stop`); either raises :class:`RunStopped`.
+
+    ``ray_address`` (host:port): run the clients on that Ray cluster instead of a Ray
+    started here, and add to the report where each ran
+    (:mod:`simulations.run.ray_cluster`)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
     from server.checkpoint import checkpoint_round
+    from server.report import write_report
     from server.run import run_dir_of
     from server.run_record import check_run_dir, new_run_dir
     from server.server_app import StoppedBetweenRounds, run_server
@@ -71,6 +96,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     from shared.model.base import resolve_model
     from simulations.faults import inject_faults
     from simulations.run.evaluate import evaluate_run
+    from simulations.run.ray_cluster import connect, placement_mod, placement_summary
 
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(new_run_dir()))
@@ -112,8 +138,15 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
                "init_args": {"num_cpus": cpus, "logging_level": "error",
                              "log_to_driver": True}}
     logging.getLogger("flwr").setLevel(logging.INFO)
+    nodes = None
     try:
-        start_ray(backend["init_args"])
+        if ray_address:
+            nodes = connect(ray_address, backend["init_args"])
+            progress(f"Ray cluster at {ray_address}: {len(nodes)} nodes, "
+                     f"{sum(n['resources'].get('CPU', 0) for n in nodes.values()):g} CPUs")
+            client_app = client_app or make_client_app(inject_faults, placement_mod)
+        else:
+            start_ray(backend["init_args"])
         with stop.on_signals(progress):
             run_simulation(server_app=server_app,
                            client_app=client_app or make_client_app(inject_faults),
@@ -130,6 +163,9 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
         raise RuntimeError(f"simulation ended without a report (see the log; run dir "
                            f"{run_dir})")
     report = plot_round_by_round(run_dir, outcome["report"])
+    if nodes is not None:
+        report = {**report, "ray_placement": placement_summary(run_dir, nodes)}
+        write_report(run_dir, report)
     if final_evaluation:
         report = finish_report(run_dir, report, evaluate_run(
             run_dir, include_levels=False, cold_start_k=cold_start_k, progress=progress))
@@ -209,8 +245,8 @@ def plot_round_by_round(run_dir: Path, report: dict) -> dict:
     return report
 
 
-def run_simulation_command(out: Path | None, settings: list[str], *,
-                           verbose: bool = False, resume: bool = False) -> int:
+def run_simulation_command(out: Path | None, settings: list[str], *, verbose: bool = False,
+                           resume: bool = False, ray_address: str | None = None) -> int:
     """The simulation with our lines on the console and the libraries' in ``run.log``
     (``verbose``: everything on the console). A run directory that holds a run is
     continued only with ``resume``; one that holds anything else is refused."""
@@ -220,6 +256,7 @@ def run_simulation_command(out: Path | None, settings: list[str], *,
     from server.run_record import check_run_dir, holds_run, new_run_dir
     from shared.data.federation import load_run_population
     from shared.model.base import resolve_model
+    from shared.util.tables import markdown_table
     from simulations.run.console import RUN_LOG, quiet_libraries
 
     cfg = resolve_config(out, settings)
@@ -242,9 +279,11 @@ def run_simulation_command(out: Path | None, settings: list[str], *,
     print(f"fedpersona simulate: run dir {run_dir}" + (
         "" if verbose else f" (library output in {run_dir / RUN_LOG}; -v shows it here)"))
     with quiet_libraries(run_dir / RUN_LOG, verbose=verbose) as say:
-        report = simulate(cfg, progress=say)
+        report = simulate(cfg, progress=say, ray_address=ray_address)
     print()
     print(levels_table(report["levels"]))
+    if report.get("ray_placement"):
+        print("\nwhere the clients ran (Ray nodes)\n" + markdown_table(report["ray_placement"]))
     privacy = report["privacy"]
     if privacy["dp"]:
         print(f"\nepsilon max {privacy['epsilon_max']:.3f} at delta {privacy['delta']:g} "
