@@ -29,6 +29,7 @@ from server.aggregation import (
 )
 from server.checkpoint import load_checkpoint, save_checkpoint, states_equal
 from server.report import render_markdown
+from server.run_record import RunDirError
 from server.strategy import apply_round, sent_part
 from shared.config import ConfigError, RunConfig
 
@@ -359,7 +360,8 @@ def test_simulation_reports_per_level_epsilons(tmp_path):
     # the sample came from a secret kept with the run, never from the public seed
     secret = tmp_path / "run" / "server-secret"
     assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
-    # a resume that would change q is refused (and the checkpoint is left as it was)
-    with pytest.raises(RuntimeError, match="would change it"):
+    # a resume that would change q is refused before it starts (the run's record: a resume
+    # changes no training setting), and the checkpoint is left as it was
+    with pytest.raises(RunDirError, match="changes clients-per-round=8 -> 2"):
         simulate(cfg.replace(num_rounds=3, clients_per_round=2), final_evaluation=False)
     assert load_checkpoint(tmp_path / "run").round == 2
