@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import platform
 from collections import Counter
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from shared.config import RunConfig
 from shared.protocol.wire import EVAL_LEVELS
 from shared.util.atomic import write_json_atomic, write_text_atomic
 from shared.util.metrics import TokenStats, macro_summary, per_user_summary, stats_summary
@@ -35,17 +39,153 @@ def privacy_summary(epsilon_per_user: Mapping[str, float], *, dp: bool, delta: f
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    """Both files, stamped with when and with what they were written (``written``): a
+    number read months later is only comparable knowing the code that produced it."""
     run_dir = Path(run_dir)
+    report = {**report, "written": written_stamp()}
     write_json_atomic(run_dir / "report.json", report, sort_keys=False)
     write_text_atomic(run_dir / "report.md", render_markdown(report))
 
 
-def levels_table(levels: Mapping[str, Any], label: str = "level") -> str:
-    rows = [{label: name, "users": v["users"],
+# -- labels: the report's internal keys in words -------------------------------------------
+
+# Every row key a table or plot shows, in words; the JSON keeps the keys. The levels and
+# baselines keep their name first, as the text and docs/results.md call them by it.
+LABELS = {
+    # the levels: the adapter stack that serves a user
+    "base": "base (the base model, no adapter)",
+    "global": "global (+ the global adapter)",
+    "global+persona": "global+persona (+ the persona's adapter)",
+    "global+persona+user": "global+persona+user (+ the user's own adapter)",
+    # cold-start users: how a user who never trained is served
+    "persona_fallback_0shot": "persona fallback, 0-shot (declared persona)",
+    "persona_fallback_kshot": "persona fallback, k-shot (chosen on the user's first k lines)",
+    # baselines (BASELINE_NOTES says what each is in full)
+    "base (same users)": "base (same users, no adapter)",
+    "global (same users)": "global (same users, + the global adapter)",
+    "global+persona (same users)": "global+persona (same users, + the persona's adapter)",
+    "global+persona+user (same users)": "global+persona+user (same users, + the user's own "
+                                        "adapter)",
+    "local-only": "local-only (each user alone, no DP)",
+    "local-only-all-steps": "local-only-all-steps (each user alone, all the device's steps)",
+    "local-only-dp-global": "local-only-dp-global (each user alone, DP-SGD)",
+    "in-context-recent (base)": "in-context-recent (base) — recent lines as context",
+    "in-context-recent (global)": "in-context-recent (global) — recent lines as context",
+    "in-context-recent (federated)": "in-context-recent (federated) — recent lines as context",
+    "in-context-recent (local-only)": "in-context-recent (local-only) — recent lines as "
+                                      "context",
+    "in-context-retrieved (global)": "in-context-retrieved (global) — similar lines as "
+                                     "context",
+    "served (federated)": "served (federated) — what the device serves",
+    "centralized": "centralized (one LoRA on the pooled data, no DP)",
+}
+
+BETTER = "Lower perplexity is better; higher token accuracy is better."
+
+
+def label(key: str) -> str:
+    """A row key in words for a table or plot (a key without a label shows as itself)."""
+    return LABELS.get(key, key)
+
+
+def levels_table(levels: Mapping[str, Any], label_column: str = "level") -> str:
+    rows = [{label_column: label(name), "users": v["users"],
              "perplexity": f"{v['perplexity']:.2f} ± {v['perplexity_ci95']:.2f}",
              "token accuracy": f"{v['token_accuracy']:.3f} ± {v['token_accuracy_ci95']:.3f}"}
             for name, v in levels.items() if isinstance(v, Mapping) and "perplexity" in v]
     return markdown_table(rows)
+
+
+def users_note(users: Mapping[str, int]) -> list[str]:
+    """``row label -> users`` of one table: a line under it when its rows cover different
+    users, naming the rows off the most common count (their means are not comparable
+    one to one), else nothing."""
+    counts = Counter(users.values())
+    if len(counts) < 2:
+        return []
+    common = counts.most_common(1)[0][0]
+    others = "; ".join(f"{name}: {n}" for name, n in users.items() if n != common)
+    return [f"Rows cover different users: {common} users each, except {others}. Compare "
+            "rows of different users with care.", ""]
+
+
+def levels_users_note(levels: Mapping[str, Any]) -> list[str]:
+    return users_note({label(name): v["users"] for name, v in levels.items()
+                       if isinstance(v, Mapping) and "perplexity" in v})
+
+
+def with_better_note(lines: list[str]) -> list[str]:
+    """``lines`` with :data:`BETTER` once, before the first table with a perplexity column:
+    which table comes first depends on what the run measured."""
+    for i, line in enumerate(lines):
+        if line.startswith("| ") and "| perplexity" in line:
+            return [*lines[:i], BETTER, "", *lines[i:]]
+    return lines
+
+
+# -- the "Run" section: when, with what, how set, how long ---------------------------------
+
+VERSIONED = ("fedpersona", "torch", "transformers", "peft", "opacus", "flwr")
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def written_stamp() -> dict[str, Any]:
+    """The UTC date and the versions of Python and the packages that made the numbers."""
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "versions": {"python": platform.python_version(),
+                         **{name: package_version(name) for name in VERSIONED}}}
+
+
+def non_default_settings(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's settings that differ from this code's defaults, one row each: all a
+    reader needs to rerun it (a setting the defaults do not know is shown as such)."""
+    defaults = RunConfig().to_flower()
+    return [{"setting": key, "this run": _shown(value),
+             "default": _shown(defaults[key]) if key in defaults else "(not a setting now)"}
+            for key, value in config.items() if key not in defaults or defaults[key] != value]
+
+
+def _shown(value: Any) -> Any:
+    return "(empty)" if value == "" else value
+
+
+def duration(seconds: float) -> str:
+    """``3891.6`` -> ``"3891.6 s (1:04:52)"``."""
+    whole = round(seconds)
+    return f"{seconds:.1f} s ({whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d})"
+
+
+def wall_time_line(report: Mapping[str, Any]) -> list[str]:
+    """The wall time, the federation and the side-by-side evaluation summed when both ran."""
+    federation, evaluation = report.get("seconds"), report.get("evaluation_seconds")
+    if federation is None:
+        return []
+    if evaluation is None:
+        return [f"Wall time: {duration(federation)} (the federation).", ""]
+    return [f"Wall time: {duration(federation + evaluation)} in all: the federation "
+            f"{duration(federation)}, the side-by-side evaluation {duration(evaluation)}.", ""]
+
+
+def run_lines(report: Mapping[str, Any]) -> list[str]:
+    """The "Run" section: the date and versions it was written with (now, for a report
+    written before they were stamped), the settings off the defaults, the wall time."""
+    written = report.get("written") or written_stamp()
+    versions = ", ".join(f"{name} {v}" for name, v in written["versions"].items())
+    changed = non_default_settings(report["config"])
+    lines = ["## Run", "", f"Written {written['date']} with {versions}.", ""]
+    lines += wall_time_line(report)
+    if changed:
+        lines += [f"Settings other than the defaults of fedpersona "
+                  f"{package_version('fedpersona')}:", "", markdown_table(changed), ""]
+    else:
+        lines += ["Every setting at its default.", ""]
+    return lines
 
 
 COLD_START_TITLES = {
@@ -170,7 +310,8 @@ def baselines_lines(report: Mapping[str, Any]) -> list[str]:
         return []
     order = [n for n in BASELINE_NOTES if n in baselines] + [
         n for n in baselines if n not in BASELINE_NOTES]
-    rows = [{"row": n, "what it is": BASELINE_NOTES.get(n, ""), "users": baselines[n]["users"],
+    rows = [{"row": label(n), "what it is": BASELINE_NOTES.get(n, ""),
+             "users": baselines[n]["users"],
              "perplexity": f"{baselines[n]['perplexity']:.2f} ± "
                            f"{baselines[n]['perplexity_ci95']:.2f}",
              "token accuracy": f"{baselines[n]['token_accuracy']:.3f}"}
@@ -182,6 +323,7 @@ def baselines_lines(report: Mapping[str, Any]) -> list[str]:
               + (f"; left out as they never trained: {', '.join(untrained)} (a fair "
                  "local-only baseline gets the steps the device got)." if untrained else "."),
               "", markdown_table(rows), ""]
+    lines += users_note({row["row"]: row["users"] for row in rows})
     strawman = baselines.get("local-only-dp-global")
     if strawman and report.get("levels", {}).get(FEDERATED) and fair:
         users = list(strawman["per_user"])
@@ -199,8 +341,8 @@ def federation_gain_lines(gain: Mapping[str, Any] | None,
     if not gain or not gain["users"]:
         return []
     baseline, level = gain.get("baseline", "local-only"), gain.get("level", FEDERATED)
-    rows = [{"user": u, baseline: f"{v['local_only']:.2f}",
-             level: f"{v['federated']:.2f}", "gain": f"{v['gain']:+.2f}",
+    rows = [{"user": u, label(baseline): f"{v['local_only']:.2f}",
+             label(level): f"{v['federated']:.2f}", "gain": f"{v['gain']:+.2f}",
              "relative": f"{v['relative_percent']:+.1f}%"}
             for u, v in sorted(gain["per_user"].items(), key=lambda kv: -kv[1]["gain"])]
     what = ("(the user alone, no DP, the same steps)" if baseline == "local-only" else
@@ -214,7 +356,22 @@ def federation_gain_lines(gain: Mapping[str, Any] | None,
              f"{gain['users']} users."]
     if gain["excluded"]:
         lines.append(f"Left out (never trained in the run): {', '.join(gain['excluded'])}.")
-    return lines + ["", markdown_table(rows), ""]
+    return lines + ["", gained_and_lost_line(gain["per_user"]), "", markdown_table(rows), ""]
+
+
+def gained_and_lost_line(per_user: Mapping[str, Mapping[str, float]], top: int = 3) -> str:
+    """Who gained most and who lost most (``top`` each, by the perplexity gain): a mean
+    hides whether the federation helps everyone a little or some a lot at others' cost."""
+    ranked = sorted(per_user.items(), key=lambda kv: -kv[1]["gain"])
+
+    def named(pairs) -> str:
+        return ", ".join(f"{u} {v['gain']:+.2f} ({v['relative_percent']:+.1f}%)"
+                         for u, v in pairs) or "nobody"
+
+    gained = [(u, v) for u, v in ranked if v["gain"] > 0][:top]
+    lost = [(u, v) for u, v in reversed(ranked) if v["gain"] < 0][:top]
+    return (f"Gained most (perplexity points): {named(gained)}. "
+            f"Lost most: {named(lost)}.")
 
 
 SERVED_GAIN_TITLE = "Served gain (what the device serves, against the best local row)"
@@ -263,9 +420,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"Model `{cfg['model']}`, {report.get('num_users', '?')} users, "
              f"{cfg['num-rounds']} rounds x {cfg['clients-per-round']} clients, personas by "
              f"{cfg['personas']}, LoRA r={cfg['lora-rank']} ({cfg['lora-scheme']}).", ""]
+    lines += run_lines(report)
     if "levels" in report:
         lines += ["## Test metrics per level (macro over users, ± 95% CI)", "",
                   levels_table(report["levels"]), ""]
+        lines += levels_users_note(report["levels"])
         untested = report.get("users_without_test_records") or []
         if untested:
             lines += [f"{len(untested)} users have no test records and are not in these rows: "
@@ -279,17 +438,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if key in report:
             cold = report[key]
             lines += [f"## {title}", "", levels_table(cold, "served by"), ""]
+            lines += levels_users_note(cold)
             if cold.get("kshot_matches_declared") is not None:
                 lines += [f"The k-shot choice picked the declared persona for "
                           f"{100 * cold['kshot_matches_declared']:.0f}% of these users.", ""]
     if "discovery" in report:
         disc = report["discovery"]
         clusters = sorted({c for row in disc["contingency"].values() for c in row})
-        rows = [{"genre": g, **{c: row.get(c, 0) for c in clusters}}
+        # the users' own groups: the genre for Shakespeare, a declared persona otherwise
+        rows = [{"true group": g, **{c: row.get(c, 0) for c in clusters}}
                 for g, row in disc["contingency"].items()]
         ari = disc["adjusted_rand_index"]
         lines += [f"## Discovered personas (IFCA, K = {disc['k']})", "",
-                  f"Adjusted Rand index against the genres: "
+                  f"Adjusted Rand index against the users' true groups: "
                   f"{ari:.3f} over {disc['users']} users." if ari is not None else
                   "No user chose a discovered persona.", "",
                   f"Privacy of the choice: {disc['note']}.", "", markdown_table(rows), ""]
@@ -319,7 +480,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
          "seconds": r["seconds"]}
         for r in report["rounds"]]), ""]
     lines += robustness_lines(cfg, report.get("rejected_updates", []))
-    return "\n".join(lines)
+    return "\n".join(with_better_note(lines))
 
 
 def robustness_lines(cfg: Mapping[str, Any], rejected: list[Mapping[str, Any]]) -> list[str]:
