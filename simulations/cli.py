@@ -75,6 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     lamp.add_argument("--out", required=True, type=Path)
     lamp.add_argument("--force", action="store_true")
     lamp.add_argument("--tokenizer", default="smollm2")
+    own = sources.add_parser(
+        "import", help="your own users: a folder of <user>.txt / <user>.jsonl files, or one "
+                       "JSONL file with a user field (format: docs/data.md)")
+    own.add_argument("path", metavar="SOURCE", type=Path, help="the folder or the JSONL file")
+    own.add_argument("--out", required=True, type=Path)
+    own.add_argument("--user-field", default="user",
+                     help="the field naming the user in a single JSONL file")
+    own.add_argument("--persona-field", default="persona",
+                     help="the field naming a record's persona (optional)")
+    own.add_argument("--personas", type=Path,
+                     help="a JSON object or CSV 'user,persona' lines giving users' personas")
+    own.add_argument("--test-fraction", type=float, default=0.2,
+                     help="the last fraction of each user's records held out for evaluation")
+    own.add_argument("--min-records", type=int, default=2,
+                     help="users with fewer records are left out (and listed)")
+    own.add_argument("--force", action="store_true", help="replace an existing population")
+    own.add_argument("--tokenizer", default="smollm2")
 
     simulate = commands.add_parser("simulate", help="run the federated simulation")
     simulate.add_argument("--out", type=Path, help="run directory (adapters, reports); a new "
@@ -465,6 +482,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("\n".join(federation_gain_lines(result.get("served_gain"), SERVED_GAIN_TITLE)))
     print("\n".join(served_stack_lines(result.get("served_stacks"))))
     for key in ("cold_start", "cold_start_held_out_plays"):
+        if key not in result:
+            continue
         print(f"\n{key}")
         print(levels_table(result[key], "served by"))
     print(f"\nwrote {args.run / 'evaluation.json'}")
@@ -569,6 +588,17 @@ def _data(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_mapping(parse_overrides(args.settings))
         population = write_shakespeare_population(
             args.out, settings_from_config(cfg), force=args.force)
+    elif args.source == "import":
+        from shared.data.importer import ImportSettings, import_population, read_persona_map
+
+        settings = ImportSettings(user_field=args.user_field, persona_field=args.persona_field,
+                                  test_fraction=args.test_fraction, min_records=args.min_records)
+        population = import_population(
+            args.path, args.out, settings, force=args.force,
+            personas=read_persona_map(args.personas) if args.personas else None)
+        if population.meta["skipped_users"]:
+            print(f"left out (fewer than {args.min_records} records): "
+                  f"{', '.join(population.meta['skipped_users'])}")
     else:
         from shared.data.lamp import write_lamp_population
 

@@ -29,6 +29,10 @@ def summarize(population: Population, count_tokens: Callable[[str], int]) -> lis
         user = load_user(population.user_dir(entry.user_id), allow_empty=True)
         row["train tokens"] += sum(count_tokens(r.prompt + r.response) for r in user.train)
     ordered = [rows[k] for k in sorted(rows)]
+    for column in ("cold-start (character)", "cold-start (play)"):  # words the data has
+        if not any(row[column] for row in ordered):
+            for row in ordered:
+                del row[column]
     total = {"persona": "total"}
     for key in ordered[0] if ordered else ():
         if key != "persona":

@@ -135,6 +135,8 @@ def evaluate_run(run_dir: Path, *, cold_start_k: int = 5, cold_start_users: int 
         result["federation_gain"] = compared["federation_gain"]
         result["served_gain"] = compared.get("served_gain")
     for kind, users in cold.items():
+        if not users:  # a population without such users (e.g. imported) has no such table
+            continue
         progress(f"cold start ({kind}) on {len(users)} users, k={cold_start_k}")
         key = "cold_start" if kind == "known_plays" else "cold_start_held_out_plays"
         result[key] = _cold_start(ev, population, users, cold_start_k)
