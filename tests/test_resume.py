@@ -402,17 +402,26 @@ def test_a_moved_run_resumes_with_its_devices_spending_and_cannot_understate(tmp
     assert not (tmp_path / "first").exists()
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One population and its uninterrupted run, the reference of the interrupted runs
+    below: each keeps its devices in its own run directory, and the devices' secrets
+    live in the shared population, so the same rounds draw the same noise."""
+    root = tmp_path_factory.mktemp("straight")
+    write_small_population(root / "pop")
+    _run(root / "straight", root / "pop", root / "straight.log")
+    return root / "pop", root / "straight"
+
+
 @pytest.mark.integration
-def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
-    # Arrange: one population; each run's device state is apart (the federation key
-    # names the run directory), so both runs start from clean devices.
-    population = tmp_path / "pop"
-    write_small_population(population)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path, straight_run):
+    # Arrange: one population; each run's device state is apart (each run keeps its
+    # devices in its own directory), so both runs start from clean devices.
+    population, straight = straight_run
+    killed = tmp_path / "killed"
     stores = {"straight": _stores(straight, population), "killed": _stores(killed, population)}
     assert {s.root for s in stores["straight"].values()}.isdisjoint(
         s.root for s in stores["killed"].values())
-    _run(straight, population, tmp_path / "straight.log")
 
     # Act 1: SIGKILL the whole process group (server, Ray and its workers) once round 2
     # is checkpointed and a device has answered round 3, before the round completes
@@ -497,12 +506,11 @@ def _stopped_by(signals: list[int], run_dir: Path, population: Path, log: Path, 
 
 
 @pytest.mark.integration
-def test_a_signal_stops_after_the_round_and_a_second_at_once_and_both_resume(tmp_path):
+def test_a_signal_stops_after_the_round_and_a_second_at_once_and_both_resume(tmp_path,
+                                                                            straight_run):
     # Arrange: the uninterrupted run
-    population = tmp_path / "pop"
-    write_small_population(population)
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    _run(straight, population, tmp_path / "straight.log")
+    population, straight = straight_run
+    stopped = tmp_path / "stopped"
 
     # Act 1: SIGTERM once (kill PID), in round 2
     code, first = _stopped_by([signal.SIGTERM], stopped, population, tmp_path / "1.log",
