@@ -24,7 +24,6 @@ import json
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 from shared.protocol.wire import KEY_CONFIG, KEY_ROUND, read_run_config
@@ -40,14 +39,20 @@ def connect(address: str, init_args: dict) -> dict[str, dict]:
 
     host = address.rsplit(":", 1)[0]
     node_ip = host if _is_loopback(host) else None  # else Ray finds this machine's address
-    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    ray.init(address=address, runtime_env=worker_environment(),
              _node_ip_address=node_ip,
              **{k: v for k, v in init_args.items() if k in ("logging_level", "log_to_driver")})
     return {node["NodeID"]: {"address": node["NodeManagerAddress"],
                              "resources": node["Resources"]}
             for node in ray.nodes() if node["Alive"]}
+
+
+def worker_environment() -> dict:
+    """Ray's runtime environment for this run's workers: they inherit the environment,
+    not this process's ``sys.path`` (as Flower's Ray backend does it)."""
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    return {"env_vars": {"PYTHONPATH": pythonpath}}
 
 
 def _is_loopback(host: str) -> bool:
@@ -94,8 +99,3 @@ def placement_summary(run_dir: Path, nodes: dict[str, dict]) -> list[dict]:
 def _custom(resources: dict) -> list[str]:
     standard = ("CPU", "GPU", "memory", "object_store_memory", "accelerator_type")
     return [k for k in resources if not k.startswith(standard) and not k.startswith("node:")]
-
-
-def ray_address_note(say: Callable[[str], None], nodes: dict[str, dict]) -> None:
-    cpus = sum(n["resources"].get("CPU", 0) for n in nodes.values())
-    say(f"Ray cluster: {len(nodes)} nodes, {cpus:g} CPUs")

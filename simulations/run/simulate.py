@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -178,13 +177,11 @@ def start_ray(init_args: dict) -> None:
     failure handler for SIGTERM that dumps a stack and aborts the driver (exit 134)."""
     import ray
 
+    from simulations.run.ray_cluster import worker_environment
+
     if ray.is_initialized():
         return
-    # Ray's workers inherit the environment, not this process's sys.path (as Flower does)
-    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
-             **init_args)
+    ray.init(runtime_env=worker_environment(), include_dashboard=False, **init_args)
 
 
 def stop_ray() -> None:
