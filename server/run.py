@@ -75,8 +75,7 @@ def start_run(grid: Grid, cfg: RunConfig, progress: Callable[[str], None]) -> Ru
     personas = cluster_names(k) if k else (cfg.persona_name_list or population.personas)
     runtime = get_runtime(cfg)
     state = load_checkpoint(run_dir)
-    check_run_dir(run_dir, cfg, data_dir=population.root if population else None,
-                  done_rounds=state.round if state else 0)
+    check_run_dir(run_dir, cfg, data_dir=population.root if population else None)
     write_record(run_dir, cfg, population.root if population else None)
     if state is None:
         state = ServerState(round=0, global_state=dict(runtime.initial["global"]),

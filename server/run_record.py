@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from server.checkpoint import checkpoint_round
 from shared.config import ConfigError, RunConfig
 from shared.model.base import cache_root
 from shared.util.atomic import write_json_atomic
@@ -103,11 +104,11 @@ def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     return problems
 
 
-def check_run_dir(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None,
-                  done_rounds: int = 0) -> dict[str, Any] | None:
-    """The run's record if ``run_dir`` holds a run that ``cfg`` may resume, ``None`` if it
-    is new (missing or empty); :class:`RunDirError` otherwise, naming every setting
-    that would change."""
+def check_run_dir(run_dir: Path, cfg: RunConfig, *,
+                  data_dir: Path | None) -> dict[str, Any] | None:
+    """The run's record if ``run_dir`` holds a run that ``cfg`` may resume (from the
+    rounds its checkpoint has done), ``None`` if it is new (missing or empty);
+    :class:`RunDirError` otherwise, naming every setting that would change."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: is a file, not a run directory")
@@ -128,8 +129,8 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None,
     now_population = population_digest(data_dir)
     same = None if saved_population is None or now_population is None else \
         saved_population == now_population
-    problems = resume_conflicts(record["config"], cfg.to_flower(), done_rounds=done_rounds,
-                                same_population=same)
+    problems = resume_conflicts(record["config"], cfg.to_flower(),
+                                done_rounds=checkpoint_round(run_dir), same_population=same)
     if problems:
         raise RunDirError(f"{run_dir}: a resume may change only {', '.join(RESUMABLE)}; "
                           f"this one changes {'; '.join(problems)} (start a new directory "

@@ -85,7 +85,6 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.checkpoint import checkpoint_round
     from server.report import write_report
     from server.run import run_dir_of
     from server.run_record import check_run_dir, new_run_dir
@@ -102,8 +101,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, final_evaluation: b
     resolve_model(cfg.model)  # a missing model fails here, in one line, before Ray starts
     population = load_run_population(cfg)
     run_dir = run_dir_of(cfg)
-    check_run_dir(run_dir, cfg, data_dir=population.root,
-                  done_rounds=checkpoint_round(run_dir) if run_dir.is_dir() else 0)
+    check_run_dir(run_dir, cfg, data_dir=population.root)
     users = training_users(population, cfg)
     if not users:
         raise ConfigError("the population has no training users")
@@ -271,8 +269,7 @@ def run_simulation_command(out: Path | None, settings: list[str], *, verbose: bo
     if resume and not exists:
         raise ConfigError(f"{run_dir}: no run to resume")
     # before run.log is written into it: a directory that is not a run stays untouched
-    check_run_dir(run_dir, cfg, data_dir=population.root,
-                  done_rounds=checkpoint_round(run_dir) if exists else 0)
+    check_run_dir(run_dir, cfg, data_dir=population.root)
     print(f"fedpersona simulate: run dir {run_dir}" + (
         "" if verbose else f" (library output in {run_dir / RUN_LOG}; -v shows it here)"))
     with quiet_libraries(run_dir / RUN_LOG, verbose=verbose) as say:
