@@ -10,7 +10,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.fedpersona-installed
 
-.PHONY: demo test test-fast lint install check-install
+.PHONY: demo test test-fast lint install check-install audit-breaks
 
 demo: $(STAMP)
 	$(PY) -m simulations.cli simulate --out runs/demo \
@@ -31,6 +31,11 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 install: $(STAMP)
+
+# the audits held to broken DP: the server's view of one update and the ledger replay,
+# for the correct mechanism and each audit-only break, on the real model (about 2 min)
+audit-breaks: $(STAMP)
+	$(PY) -m simulations.cli audit breaks --out runs/audit-breaks
 
 $(STAMP): pyproject.toml
 	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi

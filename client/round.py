@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from client import breaks
 from client.budget import loss_noise, released_lr, round_mechanisms
 from client.discovery import choose_cluster, cluster_states, selection_entry
 from client.node import node_store, resolve_user
@@ -70,8 +71,9 @@ class Device:
 
     @classmethod
     def open(cls, cfg: RunConfig, context, *, with_model: bool = True) -> Device:
-        runtime = get_runtime(cfg) if with_model else None
         user_dir, user_index = resolve_user(context, cfg)
+        breaks.refuse_on_real_device(cfg, simulated=user_index >= 0)
+        runtime = get_runtime(cfg) if with_model else None
         return cls(cfg, runtime, user_dir, user_index, load_user(user_dir),
                    node_store(cfg, user_dir, user_index),
                    device_epsilon_budget(context.node_config))
@@ -89,9 +91,21 @@ class Device:
     def seed(self, server_round: int, *, secret: bytes = b"") -> int:
         """A per-round seed. With the device's ``secret`` it is private (DP noise); without
         it, public (the random cluster start, which anyone may know)."""
-        digest = hashlib.sha256(
-            secret + f"{self.cfg.seed}:{server_round}:{self.user.profile.user_id}".encode())
-        return int.from_bytes(digest.digest()[:8], "big") >> 1
+        return round_seed(self.cfg, self.user.profile.user_id, server_round, secret=secret)
+
+
+def round_seed(cfg: RunConfig, user_id: str, server_round: int, *, secret: bytes = b"") -> int:
+    digest = hashlib.sha256(secret + f"{cfg.seed}:{server_round}:{user_id}".encode())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
+def dp_generator(cfg: RunConfig, user_id: str, server_round: int, private_inputs: bytes
+                 ) -> torch.Generator:
+    """The generator of a round's private draws (Poisson batches, DP noise): seeded from
+    the device's secret and the instruction (``private_inputs``); from public values
+    only under the audits' ``public-seed`` break."""
+    secret = b"" if breaks.seeds_from_public_values(cfg) else private_inputs
+    return torch.Generator().manual_seed(round_seed(cfg, user_id, server_round, secret=secret))
 
 
 def device_epsilon_budget(node_config) -> float:
@@ -136,12 +150,13 @@ def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Rec
     metrics = {"num-examples": len(user.train), "user-index": device.user_index,
                "dp": int(cfg.dp), "declined": 0}
     rate = sample_rate(cfg.batch_size, len(data), cfg.dp_sample_rate)
+    claimed_rate = breaks.claimed_rate(cfg, rate)  # rate, unless an audit breaks it
     # The first discovery round assigns clusters at random (public randomness, like
     # k-means' random-partition start): it costs no privacy and lets the K clusters
     # see different data before anyone chooses by loss.
     random_start = bool(clusters) and server_round == cfg.discovery_warmup + 1
     private_choice = bool(clusters) and not random_start and cfg.dp and cfg.selection_noise > 0
-    budget = round_mechanisms(cfg, ledger, rate, private_choice, store.federation)
+    budget = round_mechanisms(cfg, ledger, claimed_rate, private_choice, store.federation)
     if budget.entries is None or (budget.entries and not ledger.can_afford(*budget.entries)):
         # Declining is itself public; what it reveals is the budget, not the data.
         metrics.update({"declined": 1, "persona-index": persona_index,
@@ -152,8 +167,8 @@ def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Rec
     # instructions would let their difference cancel the noise. (An identical question
     # was answered above by the replay.)
     inputs = content_digest(content, config_ignore=NOT_TRAINING_INPUTS)
-    generator = torch.Generator().manual_seed(device.seed(
-        server_round, secret=device_secret(device.user_dir) + inputs.encode()))
+    generator = dp_generator(cfg, user.profile.user_id, server_round,
+                             device_secret(device.user_dir) + inputs.encode())
     load_levels(device, content, persona_index)
     selection = None
     if clusters:
@@ -170,15 +185,18 @@ def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Rec
     levels = RELEASED_LEVELS if persona_index >= 0 else ("global",)
     result = train_released(runtime.model, data, steps=cfg.local_steps,
                             batch_size=cfg.batch_size,
-                            lr=released_lr(cfg, budget.noise_multiplier), dp=budget.dp,
-                            scheme=cfg.lora_scheme, generator=generator, levels=levels,
+                            lr=released_lr(cfg, budget.noise_multiplier),
+                            dp=breaks.acting_dp(cfg, budget.dp), scheme=cfg.lora_scheme,
+                            generator=generator, levels=levels,
                             grad_sample_mode=cfg.grad_sample_mode,
-                            optimizer=cfg.local_optimizer, fixed_rate=cfg.dp_sample_rate)
+                            optimizer=cfg.local_optimizer, fixed_rate=cfg.dp_sample_rate,
+                            user_adapter_active=breaks.user_adapter_active(cfg))
     train_loss, loss_entry = private_mean_loss(
         runtime.model, data, rate=rate, generator=generator,
         dp=DPSettings(budget.dp.enabled, loss_noise(cfg, budget.noise_multiplier),
                       cfg.max_grad_norm))
-    spent = released_entries(result.accountant_entry, loss_entry, selection)
+    spent = breaks.claimed_entries(
+        cfg, released_entries(result.accountant_entry, loss_entry, selection), rate)
     if spent != budget.entries:
         raise DPTrainingError(f"the round ran {spent} but its budget planned {budget.entries}: "
                               "refusing to release what was not accounted as planned")

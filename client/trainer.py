@@ -27,6 +27,7 @@ got a per-sample gradient and that the adapters actually moved.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,12 @@ class LocalResult:
     accountant_entry: HistoryEntry | None  # what these steps cost; None without DP
 
 
+# (trainable parameters, Poisson rate) -> one step's extra per-record gradient rows, as
+# chunks made on demand (memory): each chunk one tensor per parameter, records first
+GradientCanaries = Callable[[list[torch.nn.Parameter], float],
+                            Sequence[Callable[[], list[torch.Tensor]]]]
+
+
 def sample_rate(batch_size: int, num_records: int, fixed_rate: float = 0.0) -> float:
     """The Poisson rate of the DP-SGD batches: ``fixed_rate`` when set (every user then
     pays the same epsilon per step), else ``batch_size / num_records`` (capped at 1)."""
@@ -90,8 +97,6 @@ def sample_rate(batch_size: int, num_records: int, fixed_rate: float = 0.0) -> f
 def poisson_batch(num_records: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of a Poisson-sampled batch: each record independently with probability ``rate``."""
     return torch.nonzero(torch.rand(num_records, generator=generator) < rate).flatten()
-
-
 
 
 MICRO_BATCH = 16  # records per forward/backward pass within one (possibly large) step
@@ -142,15 +147,24 @@ class ReleasedOptimizer:
                                          max_grad_norm=dp.max_grad_norm,
                                          expected_batch_size=batch_size, generator=generator)
 
-    def step(self, batch: EncodedRecords) -> float:
+    def step(self, batch: EncodedRecords,
+             extra_rows: Sequence[Callable[[], list[torch.Tensor]]] = ()) -> float:
         """One step on ``batch`` (an empty DP batch is a noise-only step); its mean loss.
 
         A large batch is processed ``MICRO_BATCH`` records at a time (memory): with
         Opacus hooks each part's per-record gradients are clipped and summed into the
         same step (Opacus's skipped steps, as in its ``BatchMemoryManager``), and the
-        noise is added once, on the whole sum. Ghost clipping takes the batch whole."""
+        noise is added once, on the whole sum. Ghost clipping takes the batch whole.
+
+        ``extra_rows``: more per-record gradients, in chunks made on demand (one tensor
+        per parameter, records first), clipped and summed into the same step like the
+        batch's own (the white-box audit's gradient canaries,
+        :mod:`simulations.audit.server_view`)."""
         self.optimizer.zero_grad()
-        if len(batch) == 0:
+        extra = extra_rows if self.dp.enabled else ()
+        if extra and self.ghost:
+            raise ValueError("gradient canaries need grad-sample-mode = hooks")
+        if len(batch) == 0 and not extra:
             _noise_only_step(self.optimizer, self.params, self.dp, self.batch_size,
                              self.generator)
             return float("nan")
@@ -161,7 +175,8 @@ class ReleasedOptimizer:
             _check_per_sample(self.params, len(batch), ghost=True)
             self.optimizer.step()
             return float(loss.item())
-        parts = torch.arange(len(batch)).split(MICRO_BATCH)
+        parts = list(torch.arange(len(batch)).split(MICRO_BATCH)) if len(batch) else []
+        last = len(parts) + len(extra) - 1
         total = 0.0
         for i, index in enumerate(parts):
             part = batch.select(index)
@@ -170,14 +185,24 @@ class ReleasedOptimizer:
             if self.dp.enabled:
                 losses.mean().backward()  # Opacus rescales each record's gradient back
                 _check_per_sample(self.params, len(part), ghost=False)
-                if i < len(parts) - 1:  # clip and accumulate this part; no noise, no step
-                    self.optimizer.signal_skip_step(do_skip=True)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()
+                self._end_part(last=i == last)
             else:
                 (losses.sum() / len(batch)).backward()  # the batch mean, accumulated
+        for i, make_rows in enumerate(extra, start=len(parts)):
+            for p, row in zip(self.params, make_rows(), strict=True):
+                p.grad_sample = row
+            self._end_part(last=i == last)
         self.optimizer.step()
-        return total / len(batch)
+        return total / len(batch) if len(batch) else float("nan")
+
+    def _end_part(self, *, last: bool) -> None:
+        """Before the step's last part: clip this part's per-record gradients and add
+        them to the step's sum, without noise and without stepping (the last part's
+        ``optimizer.step()`` does both, once)."""
+        if not last:
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
 
     def close(self) -> None:
         """Remove Opacus's hooks: the model is a plain peft model again."""
@@ -190,15 +215,21 @@ def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, 
                    dp: DPSettings, scheme: str, generator: torch.Generator,
                    levels: tuple[str, ...] = RELEASED_LEVELS,
                    grad_sample_mode: str = "hooks", optimizer: str = "adam",
-                   fixed_rate: float = 0.0) -> LocalResult:
+                   fixed_rate: float = 0.0, gradient_canaries: GradientCanaries | None = None,
+                   user_adapter_active: bool = False) -> LocalResult:
     """DP-SGD on ``levels`` (global + persona) with the user adapter inactive; the model is
     unwrapped after. The local-only baseline passes ``levels=("global",)``.
 
     Batches are Poisson at :func:`sample_rate` (``fixed_rate``, else ``batch_size / n``);
-    without DP, ``q n`` records drawn without replacement."""
+    without DP, ``q n`` records drawn without replacement.
+
+    Audits only: ``gradient_canaries(params, rate)`` gives each step's extra per-record
+    gradients (:meth:`ReleasedOptimizer.step`); ``user_adapter_active`` keeps the user
+    adapter in the forward pass, which breaks the guarantee (:mod:`client.breaks`)."""
     if "user" in levels:
         raise ValueError("the user adapter never trains with the released levels")
-    params = activate(model, levels, train=levels, scheme=scheme)
+    active = (*levels, "user") if user_adapter_active else levels
+    params = activate(model, active, train=levels, scheme=scheme)
     if not params:
         raise DPTrainingError("no trainable adapter parameters: check lora-targets")
     before = {level: level_state(model, level, scheme=scheme) for level in levels}
@@ -216,7 +247,8 @@ def train_released(model, data: EncodedRecords, *, steps: int, batch_size: int, 
             else:
                 index = torch.randperm(len(data), generator=generator)[
                     :max(1, round(expected_batch))]
-            loss = step_optimizer.step(data.select(index))
+            extra = gradient_canaries(params, rate) if gradient_canaries and dp.enabled else ()
+            loss = step_optimizer.step(data.select(index), extra)
             if len(index):
                 losses.append(loss)
     finally:

@@ -33,6 +33,10 @@ ACCOUNTANTS = ("rdp", "prv")  # shared.privacy.accounting computes both
 GRAD_SAMPLE_MODES = ("hooks", "ghost")  # Opacus per-record clipping (client.trainer)
 AGGREGATIONS = ("mean", "trimmed-mean")  # server.aggregation implements them
 FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "crash")  # simulations.faults injects them
+# DP broken on purpose while the ledger still claims the configured mechanism
+# (client.breaks); only the audits and simulations accept them
+BROKEN_MECHANISMS = ("no-noise", "noise-div-10", "no-clip", "understated-rate", "public-seed",
+                     "user-adapter-active")
 
 
 DISCOVERED_PREFIX = "discovered:"
@@ -75,6 +79,8 @@ SECTIONS: dict[str, Section] = {section.name: section for section in (
     Section("privacy", True, "record-level DP on the device (Opacus) and its budget"),
     Section("server", False, "what the server does with the replies"),
     Section("faults", False, "fault injection in simulations"),
+    Section("audit-only", True, "DP broken on purpose, to show the audits catch it; refused "
+            "on real devices"),
     Section("central-dp", False, "user-level DP on the server's aggregates (DP-FedAvg)"),
     Section("secagg", True, "secure aggregation (SecAgg+) and distributed DP"),
     Section("runtime", True, "the run's seed and the adapters' dtype on the wire"),
@@ -214,6 +220,10 @@ class RunConfig:
         doc="trimmed-mean: fraction dropped at each end, per coordinate")
     clip_update_norm: float = setting(0.0, "server", FINITE_NON_NEGATIVE,
         doc="scale each client's change to at most this L2 norm; 0 = off")
+    # -- audits only (client/breaks.py) ---------------------------------------------------------
+    audit_only_broken_mechanism: str = setting("", "audit-only", one_of(("", *BROKEN_MECHANISMS)),
+        doc=("AUDIT ONLY, breaks DP: \"\" (DP as accounted) or one of "
+             + ", ".join(BROKEN_MECHANISMS) + "; refused on real devices"))
     # -- fault injection in simulations (simulations/faults.py) ---------------------------------
     fault_fraction: float = setting(0.0, "faults", HALF_OPEN_FRACTION,
         doc="fraction of simulated users that misbehave in training")

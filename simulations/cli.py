@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from shared.config import BROKEN_MECHANISMS
+
 EXIT_USAGE = 2
 
 
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     checks = audit.add_subparsers(dest="check", required=True)
     for check, text in AUDIT_CHECKS.items():
         _add_audit_arguments(checks.add_parser(check, help=text), plant=check == "plant")
+    for check, text in SERVER_VIEW_CHECKS.items():
+        _add_server_view_arguments(checks.add_parser(check, help=text), breaks=check == "breaks")
     return parser
 
 
@@ -241,6 +245,31 @@ AUDIT_CHECKS = {
     "one-run": "empirical epsilon lower bound from one training run (Steinke et al.)",
     "all": "every check, no-DP and DP side by side",
 }
+
+
+SERVER_VIEW_CHECKS = {
+    "server-view": "white-box: one client's update in one round, against its accounted epsilon",
+    "breaks": "the server-view and ledger checks on the correct DP and on each DP broken "
+              "on purpose: which check catches which break",
+}
+
+
+def _add_server_view_arguments(parser: argparse.ArgumentParser, *, breaks: bool) -> None:
+    parser.add_argument("--run", type=Path, dest="run_dir",
+                        help="audit a round of this run's settings (default: the audit "
+                             "federation's defaults)")
+    parser.add_argument("--out", type=Path, required=breaks,
+                        help="write the results (JSON and markdown) here")
+    parser.add_argument("--canaries", type=int, default=10000,
+                        help="gradient canaries, each in the data with probability 1/2")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="updates summed, as SecAgg+ shows the server (1: the plain path)")
+    if breaks:
+        parser.add_argument("--only", action="append", default=[], dest="variants",
+                            metavar="MECHANISM", help="only this variant (repeatable): "
+                            "correct, " + ", ".join(BROKEN_MECHANISMS))
+    parser.add_argument("settings", nargs="*", metavar="key=value",
+                        help="run settings of the audited federation, e.g. target-epsilon=4")
 
 
 def _add_audit_arguments(parser: argparse.ArgumentParser, *, plant: bool) -> None:
@@ -258,7 +287,9 @@ def _add_audit_arguments(parser: argparse.ArgumentParser, *, plant: bool) -> Non
         parser.add_argument("--user-dir", type=Path, action="append", default=[],
                             dest="user_dirs", help="ledger, wire: check these device "
                             "directories (a deployment) instead of the run's population")
-    parser.add_argument("--one-run-canaries", type=int, default=100)
+    parser.add_argument("--one-run-canaries", type=int, default=1000,
+                        help="Bernoulli(1/2) canaries of the one-run audit (1,000: all correct "
+                        "guesses on 400 of them certify epsilon >= 4)")
     parser.add_argument("--repeated-canaries", type=int, default=8)
     parser.add_argument("--copies", type=int, default=4, help="copies of a repeated canary")
     parser.add_argument("--holdout-fraction", type=float, default=0.5,
@@ -407,6 +438,11 @@ def _deploy(args: argparse.Namespace) -> int:
             max_wait=args.max_wait, epsilon_budget=args.epsilon_budget),
             rejoin_wait=args.rejoin_wait,
             extra_env=deploy.thread_limits(args.threads))
+    from shared.config import parse_overrides
+
+    if parse_overrides(args.settings).get("audit-only-broken-mechanism"):
+        raise UserFacingError("audit-only-broken-mechanism breaks DP on purpose and is refused "
+                              "in a deployment (use it in fedpersona audit or a simulation)")
     command = deploy.run_command(deploy.app_dir(), args.settings, connection=args.name,
                                  stream=not args.no_stream)
     print("+ " + " ".join(command), flush=True)
@@ -417,6 +453,9 @@ def _deploy(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from simulations.audit.command import AuditFailed, run_audit_command
     from simulations.audit.plant import PlantSettings
+
+    if args.check in SERVER_VIEW_CHECKS:
+        return _audit_server_view(args)
 
     _check_at_least(args, one_run_canaries=0, repeated_canaries=0,
                     **({} if args.check == "plant" else {"candidates": 1}))
@@ -440,6 +479,28 @@ def _audit(args: argparse.Namespace) -> int:
         return run_audit_command(args.check, runs=args.runs, out=args.out,
                                  settings=args.settings, plant_settings=settings,
                                  candidates=args.candidates, user_dirs=args.user_dirs)
+    except AuditFailed as err:
+        print(f"fedpersona: {err}", file=sys.stderr)
+        return 1
+
+
+def _audit_server_view(args: argparse.Namespace) -> int:
+    from shared.config import ConfigError
+    from simulations.audit.breaks import CORRECT, run_breaks_command, run_server_view_command
+    from simulations.audit.command import AuditFailed
+
+    _check_at_least(args, canaries=20, clients=1)
+    try:
+        if args.check == "server-view":
+            return run_server_view_command(args.settings, run_dir=args.run_dir, out=args.out,
+                                           canaries=args.canaries, clients=args.clients)
+        unknown = [v for v in args.variants if v not in (CORRECT, *BROKEN_MECHANISMS)]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]}: not one of {CORRECT}, "
+                              + ", ".join(BROKEN_MECHANISMS))
+        return run_breaks_command(args.settings, out=args.out, canaries=args.canaries,
+                                  clients=args.clients, run_dir=args.run_dir,
+                                  variants=args.variants)
     except AuditFailed as err:
         print(f"fedpersona: {err}", file=sys.stderr)
         return 1

@@ -36,8 +36,12 @@ def test_a_tampered_epsilon_is_caught():
 
     finding = audit_ledger(raw, user_id="u1", train_entry=ENTRY)
 
+    # half of it is also below every sound accountant's figure, Google's included
     assert finding.problems == [f"stored epsilon {raw['epsilon']} but the history gives "
-                                f"{finding.rdp_epsilon:.6f}"]
+                                f"{finding.rdp_epsilon:.6f}",
+                                f"stored epsilon {raw['epsilon']} is below the tightest sound "
+                                f"bound, {finding.google_pld_epsilon:.4f} by Google PLD: the "
+                                "ledger claims less than any accountant gives"]
 
 
 def test_over_budget_is_flagged():

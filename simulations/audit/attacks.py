@@ -101,7 +101,7 @@ def one_run_examples(scores: dict, level: str = "global+persona") -> tuple[np.nd
 
 def one_run_audit(scores: dict, *, accounted_epsilon: float, delta: float,
                   confidence: float = 0.95, level: str = "global+persona",
-                  guess_counts: Sequence[int] = (5, 10, 20, 50, 100)) -> dict:
+                  guess_counts: Sequence[int] = (5, 10, 20, 50, 100, 200, 500)) -> dict:
     """Steinke et al.'s audit over all Bernoulli examples; the best bound over a fixed
     set of guess counts, each tested at a Bonferroni-corrected confidence."""
     values, included = one_run_examples(scores, level)

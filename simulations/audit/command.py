@@ -3,13 +3,17 @@
 Checks, each printing a verdict and writing JSON:
 
 - ``ledger``: every device's epsilon recomputed from its accountant history
-  (fresh Opacus RDP and PRV accountants) against the stored number and budget.
+  (fresh Opacus RDP and PRV accountants, and Google's PLD and RDP as a second
+  implementation) against the stored number and budget.
 - ``wire``: every reply each device sent (its wire log) against what may leave.
 - ``canary``: exposure of planted secrets (the Secret Sharer).
 - ``mia``: loss and reference membership inference, ROC AUC and TPR at low FPR.
 - ``one-run``: the empirical epsilon lower bound of Steinke et al. (2023); it
   fails if the bound exceeds the accounted epsilon.
 - ``all``: everything above, one table.
+
+The curious server's view of one update and the broken mechanisms are
+``server-view`` and ``breaks`` (:mod:`simulations.audit.breaks`).
 
 ``--out DIR`` prepares what the attacks need: a planted population
 (``DIR/population``) and the same federation trained twice, without DP
@@ -101,6 +105,12 @@ def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict
     return {"check": "ledger", "run_dir": str(run_dir), "dp": cfg.dp, "passed": not problems,
             "users": len(findings), "epsilon_max": max(eps, default=0.0),
             "prv_epsilon_max": max((f.prv_epsilon or 0.0 for f in findings), default=0.0),
+            # the second implementation's figures (dp_accounting; None counts as 0 here, a
+            # device's problems say when it matters)
+            "google_pld_epsilon_max": max((f.google_pld_epsilon or 0.0 for f in findings),
+                                          default=0.0),
+            "google_rdp_epsilon_max": max((f.google_rdp_epsilon or 0.0 for f in findings),
+                                          default=0.0),
             "target_epsilon": cfg.target_epsilon, "delta": cfg.target_delta,
             "over_budget": [f.user_id for f in findings
                             if f.epsilon > f.target_epsilon * (1 + 1e-6)],
@@ -240,7 +250,8 @@ def verdict_line(check: str, r: dict) -> str:
     mark = {True: "PASS", False: "FAIL", None: "INFO"}[r.get("passed")]
     if check == "ledger":
         text = (f"{r['users']} devices; recomputed epsilon max {r['epsilon_max']:.4f} (PRV "
-                f"{r['prv_epsilon_max']:.4f}) at delta {r['delta']:g}, budget "
+                f"{r['prv_epsilon_max']:.4f}; Google PLD {r['google_pld_epsilon_max']:.4f}, "
+                f"RDP {r['google_rdp_epsilon_max']:.4f}) at delta {r['delta']:g}, budget "
                 f"{r['target_epsilon']:g}; over budget: {len(r['over_budget'])}")
     elif check == "wire":
         text = (f"{r['replies']} replies, {r['arrays']} tensors checked against "
@@ -270,7 +281,9 @@ def render(results: dict[str, dict[str, dict]]) -> str:
     if "ledger" in results:
         parts.append("### Ledger\n\n" + markdown_table([
             {"run": run, "passed": r["passed"], "devices": r["users"],
-             "epsilon max (ledger's accountant)": r["epsilon_max"], "epsilon max (PRV)": r["prv_epsilon_max"],
+             "epsilon max (ledger's accountant)": r["epsilon_max"],
+             "epsilon max (PRV)": r["prv_epsilon_max"],
+             "Google PLD": r["google_pld_epsilon_max"], "Google RDP": r["google_rdp_epsilon_max"],
              "budget": r["target_epsilon"], "over budget": len(r["over_budget"])}
             for run, r in results["ledger"].items()]))
     if "wire" in results:

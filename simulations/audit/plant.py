@@ -37,7 +37,7 @@ class AuditSetupError(ValueError):
 
 @dataclass(frozen=True)
 class PlantSettings:
-    one_run_canaries: int = 100
+    one_run_canaries: int = 1000
     repeated_canaries: int = 8
     copies: int = 4
     holdout_fraction: float = 0.5

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, special, stats
 
 CHANCE_EXPOSURE = 1 / math.log(2)  # E[log2((n+1)/U)], U uniform on 1..n+1, n large
 
@@ -123,10 +123,9 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
                          f"epsilon={epsilon} delta={delta}")
     q = 1 / (1 + math.exp(-epsilon))  # accuracy of epsilon-DP randomized response
     tail = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
-    alpha, window = 0.0, 0.0  # window: P[v - i <= Binomial(r, q) < v]
-    for i in range(1, v + 1):
-        window += float(stats.binom.pmf(v - i, r, q))
-        alpha = max(alpha, window / i)
+    # window_i = P[v - i <= Binomial(r, q) < v], i = 1..v; alpha = max_i window_i / i
+    window = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    alpha = float(np.max(window / np.arange(1, v + 1))) if v else 0.0
     return min(tail + 2 * m * delta * alpha, 1.0)
 
 
@@ -147,3 +146,48 @@ def one_run_epsilon_lower_bound(m: int, r: int, v: int, *, delta: float,
         mid = (low + high) / 2
         low, high = (mid, high) if one_run_p_value(m, r, v, mid, delta) < p else (low, mid)
     return low
+
+
+# -- Gaussian DP: an estimate from the scores' separation ------------------------------------
+
+def gaussian_dp_delta(mu: float, epsilon: float) -> float:
+    """delta(epsilon) of mu-Gaussian DP (Dong, Roth and Su, "Gaussian Differential
+    Privacy", 2022, Corollary 2.13): ``Phi(-e/mu + mu/2) - e^e Phi(-e/mu - mu/2)``."""
+    first = special.ndtr(-epsilon / mu + mu / 2)
+    second = math.exp(epsilon + special.log_ndtr(-epsilon / mu - mu / 2))
+    return float(first - second)
+
+
+def gaussian_dp_epsilon(mu: float, delta: float) -> float:
+    """The epsilon at ``delta`` of mu-Gaussian DP (a Gaussian mechanism of sensitivity 1
+    and noise std ``1/mu``); 0 when ``mu <= 0``, inf when ``mu`` is infinite."""
+    if not mu > 0:
+        return 0.0
+    if math.isinf(mu):
+        return math.inf
+    if gaussian_dp_delta(mu, 0.0) <= delta:
+        return 0.0
+    high = 1.0
+    while gaussian_dp_delta(mu, high) > delta:
+        high *= 2
+    return float(optimize.brentq(lambda e: gaussian_dp_delta(mu, e) - delta, 0.0, high,
+                                 xtol=1e-9))
+
+
+def score_separation(scores: Sequence[float], included: Sequence[bool], *,
+                     confidence: float = 0.95) -> tuple[float, float]:
+    """``mu = (mean of included - mean of excluded) / std of excluded``, and its one-sided
+    lower confidence limit (normal approximation): how far apart a Gaussian mechanism's
+    outputs with and without a canary lie, in units of its noise. An estimate under the
+    assumption that the scores are Gaussian, not a certificate."""
+    values = np.asarray(scores, dtype=float)
+    truth = np.asarray(included, dtype=bool)
+    inside, outside = values[truth], values[~truth]
+    if inside.size < 2 or outside.size < 2:
+        raise ValueError("the separation needs two included and two excluded scores")
+    spread = float(outside.std(ddof=1))
+    if spread == 0:
+        return math.inf, math.inf
+    mu = float(inside.mean() - outside.mean()) / spread
+    error = math.sqrt(1 / inside.size + 1 / outside.size + mu ** 2 / (2 * outside.size))
+    return mu, mu - float(stats.norm.ppf(confidence)) * error
