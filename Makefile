@@ -16,8 +16,10 @@ demo: $(STAMP)
 	$(PY) -m simulations.cli simulate --out runs/demo \
 	  $(if $(wildcard runs/demo/run.json runs/demo/checkpoint/LATEST),--resume)
 
+# one pytest-xdist worker per core: a module stays on one worker, the real-model tests
+# share one (tests/conftest.py); the servers' waits overlap the other worker's work
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 # the inner loop: the tiny model only, no Ray, no real model, no servers (a few minutes)
 test-fast: $(STAMP)

@@ -168,11 +168,13 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(deployment):
 
 
 def test_unregistered_key_and_untrusted_ca_are_refused(deployment):
+    # room for one retry after a first try that takes longer on a busy machine (a try
+    # starts only if it can begin before the rejoin window closes)
     stranger = deployment.start_supernode("u1", name="stranger", key="stranger",
-                                          port=_free_port(), rejoin_wait=10)
-    assert stranger.wait(timeout=60) != 0
+                                          port=_free_port(), rejoin_wait=25)
+    assert stranger.wait(timeout=90) != 0
     log = deployment.log("stranger")
-    assert log.count("Failed to activate SuperNode") == 2  # refused, retried, refused
+    assert log.count("Failed to activate SuperNode") >= 2  # refused, retried, refused
     assert "Exit Code: 305" in log
 
     wrong_ca = deployment.start_supernode("u2", name="wrong-ca", port=_free_port(),
