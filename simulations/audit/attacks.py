@@ -99,6 +99,22 @@ def one_run_examples(scores: dict, level: str = "global+persona") -> tuple[np.nd
     return np.asarray(values), np.asarray(included)
 
 
+def best_one_run_bound(scores: np.ndarray, included: np.ndarray, guess_counts: Sequence[int],
+                       *, delta: float, confidence: float) -> tuple[float, list[dict]]:
+    """Steinke et al.'s bound guessing the ``k`` highest scores "in" and the ``k`` lowest
+    "out", for each ``k`` of ``guess_counts``, each at a Bonferroni-corrected confidence;
+    the best bound, and every trial."""
+    per_k_confidence = 1 - (1 - confidence) / len(guess_counts)
+    trials = []
+    for k in guess_counts:
+        guesses = guess_inclusion(scores, included, k_plus=k, k_minus=k)
+        bound = one_run_epsilon_lower_bound(scores.size, guesses.guesses, guesses.correct,
+                                            delta=delta, confidence=per_k_confidence)
+        trials.append({"k_plus": k, "k_minus": k, "guesses": guesses.guesses,
+                       "correct": guesses.correct, "epsilon_lower_bound": bound})
+    return max(t["epsilon_lower_bound"] for t in trials), trials
+
+
 def one_run_audit(scores: dict, *, accounted_epsilon: float, delta: float,
                   confidence: float = 0.95, level: str = "global+persona",
                   guess_counts: Sequence[int] = (5, 10, 20, 50, 100, 200, 500)) -> dict:
@@ -107,16 +123,8 @@ def one_run_audit(scores: dict, *, accounted_epsilon: float, delta: float,
     values, included = one_run_examples(scores, level)
     m = values.size
     ks = [k for k in guess_counts if 2 * k <= m] or [max(m // 2, 1)]
-    per_k_confidence = 1 - (1 - confidence) / len(ks)
-    trials = []
-    for k in ks:
-        guesses = guess_inclusion(values, included, k_plus=k, k_minus=k)
-        bound = one_run_epsilon_lower_bound(m, guesses.guesses, guesses.correct, delta=delta,
-                                            confidence=per_k_confidence)
-        trials.append({"k_plus": k, "k_minus": k, "guesses": guesses.guesses,
-                       "correct": guesses.correct, "epsilon_lower_bound": bound})
-    best = max(trials, key=lambda t: t["epsilon_lower_bound"])
-    bound = best["epsilon_lower_bound"]
+    bound, trials = best_one_run_bound(values, included, ks, delta=delta,
+                                       confidence=confidence)
     return {"examples": m, "included": int(included.sum()), "level": level,
             "confidence": confidence, "delta": delta, "trials": trials,
             "epsilon_lower_bound": bound, "accounted_epsilon": accounted_epsilon,

@@ -57,14 +57,10 @@ from shared.model.adapters import RELEASED_LEVELS, load_level
 from shared.model.lm import encode_records
 from shared.model.runtime import get_runtime
 from shared.privacy.accounting import PrivacyLedger, epsilon
+from simulations.audit.attacks import best_one_run_bound
 from simulations.audit.ledger import audit_ledger
 from simulations.audit.plant import AuditSetupError
-from simulations.audit.stats import (
-    gaussian_dp_epsilon,
-    guess_inclusion,
-    one_run_epsilon_lower_bound,
-    score_separation,
-)
+from simulations.audit.stats import gaussian_dp_epsilon, score_separation
 
 CANARY_SCALE = 10.0  # a canary's gradient, in units of max-grad-norm: clipping must cut it
 CHUNK = 32  # canary rows clipped at a time (memory: CHUNK x the adapters' size)
@@ -289,19 +285,10 @@ def _regenerated_noise(cfg: RunConfig, client: ClientRound, plan: GradientCanari
 
 def _one_run_bound(scores: np.ndarray, included: np.ndarray, *, delta: float,
                    confidence: float) -> tuple[float, list[dict]]:
-    """Steinke et al.'s bound at a fixed set of guess counts (fractions of ``m``), each
-    at a Bonferroni-corrected confidence; the best."""
+    """The best one-run bound over guess counts at fixed fractions of ``m``."""
     m = scores.size
     ks = sorted({max(1, round(f * m)) for f in GUESS_FRACTIONS if 2 * round(f * m) <= m})
-    per_k = 1 - (1 - confidence) / len(ks)
-    trials = []
-    for k in ks:
-        guesses = guess_inclusion(scores, included, k_plus=k, k_minus=k)
-        bound = one_run_epsilon_lower_bound(m, guesses.guesses, guesses.correct, delta=delta,
-                                            confidence=per_k)
-        trials.append({"k_plus": k, "k_minus": k, "guesses": guesses.guesses,
-                       "correct": guesses.correct, "epsilon_lower_bound": bound})
-    return max(t["epsilon_lower_bound"] for t in trials), trials
+    return best_one_run_bound(scores, included, ks, delta=delta, confidence=confidence)
 
 
 def _round_ledger(cfg: RunConfig, client: ClientRound):
