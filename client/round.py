@@ -29,7 +29,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client import breaks
-from client.budget import loss_noise, released_lr, round_mechanisms
+from client.budget import RoundBudget, loss_noise, released_lr, round_mechanisms
 from client.discovery import choose_cluster, cluster_states, selection_entry
 from client.node import node_store, resolve_user
 from client.replay import NOT_TRAINING_INPUTS, Replay, content_digest
@@ -37,6 +37,8 @@ from client.store import DeviceStore, device_secret
 from client.trainer import (
     DPSettings,
     DPTrainingError,
+    GradientCanaries,
+    LocalResult,
     UserRound,
     private_mean_loss,
     sample_rate,
@@ -48,7 +50,7 @@ from shared.data.userdata import UserData, load_user
 from shared.model.adapters import RELEASED_LEVELS, activate, level_state, load_level
 from shared.model.lm import encode_records, evaluate_stats
 from shared.model.runtime import Runtime, get_runtime
-from shared.privacy.accounting import released_entries
+from shared.privacy.accounting import PrivacyLedger, released_entries
 from shared.protocol.records import record_to_state, state_to_record
 from shared.protocol.wire import EVAL_LEVELS, KEY_FINAL, KEY_GLOBAL, KEY_METRICS, KEY_PERSONA
 
@@ -150,13 +152,12 @@ def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Rec
     metrics = {"num-examples": len(user.train), "user-index": device.user_index,
                "dp": int(cfg.dp), "declined": 0}
     rate = sample_rate(cfg.batch_size, len(data), cfg.dp_sample_rate)
-    claimed_rate = breaks.claimed_rate(cfg, rate)  # rate, unless an audit breaks it
     # The first discovery round assigns clusters at random (public randomness, like
     # k-means' random-partition start): it costs no privacy and lets the K clusters
     # see different data before anyone chooses by loss.
     random_start = bool(clusters) and server_round == cfg.discovery_warmup + 1
     private_choice = bool(clusters) and not random_start and cfg.dp and cfg.selection_noise > 0
-    budget = round_mechanisms(cfg, ledger, claimed_rate, private_choice, store.federation)
+    budget = round_budget(cfg, ledger, rate, private_choice, store.federation)
     if budget.entries is None or (budget.entries and not ledger.can_afford(*budget.entries)):
         # Declining is itself public; what it reveals is the budget, not the data.
         metrics.update({"declined": 1, "persona-index": persona_index,
@@ -183,14 +184,7 @@ def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Rec
         metrics["selection-private"] = int(private_choice or random_start)
     metrics["persona-index"] = persona_index
     levels = RELEASED_LEVELS if persona_index >= 0 else ("global",)
-    result = train_released(runtime.model, data, steps=cfg.local_steps,
-                            batch_size=cfg.batch_size,
-                            lr=released_lr(cfg, budget.noise_multiplier),
-                            dp=breaks.acting_dp(cfg, budget.dp), scheme=cfg.lora_scheme,
-                            generator=generator, levels=levels,
-                            grad_sample_mode=cfg.grad_sample_mode,
-                            optimizer=cfg.local_optimizer, fixed_rate=cfg.dp_sample_rate,
-                            user_adapter_active=breaks.user_adapter_active(cfg))
+    result = released_step(cfg, runtime.model, data, budget, generator, levels)
     train_loss, loss_entry = private_mean_loss(
         runtime.model, data, rate=rate, generator=generator,
         dp=DPSettings(budget.dp.enabled, loss_noise(cfg, budget.noise_multiplier),
@@ -238,6 +232,30 @@ def _train_round(device: Device, content: RecordDict, info: ConfigRecord) -> Rec
     # between loses one count, nothing else.
     tally_user_check(store, user_round)
     return reply
+
+
+def round_budget(cfg: RunConfig, ledger: PrivacyLedger, rate: float, private_choice: bool,
+                 federation: str = "") -> RoundBudget:
+    """The round's budget at the rate the device claims: its true sampling rate, unless an
+    audit's ``understated-rate`` break claims less."""
+    return round_mechanisms(cfg, ledger, breaks.claimed_rate(cfg, rate), private_choice,
+                            federation)
+
+
+def released_step(cfg: RunConfig, model, data, budget: RoundBudget,
+                  generator: torch.Generator, levels: tuple[str, ...],
+                  gradient_canaries: GradientCanaries | None = None) -> LocalResult:
+    """The round's DP-SGD on the released ``levels``, as ``budget`` planned it (with an
+    audit's break acting where one is set). The server-view audit runs this same step,
+    with its ``gradient_canaries``, so that it measures what devices run."""
+    return train_released(model, data, steps=cfg.local_steps, batch_size=cfg.batch_size,
+                          lr=released_lr(cfg, budget.noise_multiplier),
+                          dp=breaks.acting_dp(cfg, budget.dp), scheme=cfg.lora_scheme,
+                          generator=generator, levels=levels,
+                          grad_sample_mode=cfg.grad_sample_mode,
+                          optimizer=cfg.local_optimizer, fixed_rate=cfg.dp_sample_rate,
+                          gradient_canaries=gradient_canaries,
+                          user_adapter_active=breaks.user_adapter_active(cfg))
 
 
 def evaluate_round(device: Device, content: RecordDict, info: ConfigRecord) -> RecordDict:

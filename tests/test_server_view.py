@@ -17,7 +17,7 @@ from client.trainer import DPSettings, ReleasedOptimizer
 from shared.config import ConfigError, RunConfig
 from shared.data.federation import load_run_population
 from shared.privacy.accounting import epsilon
-from simulations.audit.breaks import BLIND_SPOTS, audit_breaks, caught_by
+from simulations.audit.breaks import BLIND_SPOTS, audit_breaks
 from simulations.audit.server_view import ServerViewError, server_view_audit
 from simulations.audit.stats import gaussian_dp_epsilon, score_separation
 from simulations.cli import main
@@ -57,8 +57,8 @@ def test_a_round_without_noise_or_clipping_fails(tmp_path, broken):
     assert not result["passed"]
     assert result["epsilon_lower_bound"] > 4 > result["accounted_round_epsilon"]
     assert any("certifies epsilon" in p for p in result["problems"])
-    assert caught_by(result)[:2] == ["server-view (one-run bound)",
-                                     "server-view (Gaussian test)"]
+    assert result["failed_checks"][:2] == ["server-view (one-run bound)",
+                                            "server-view (Gaussian test)"]
     assert not result["ledger_problems"]  # the ledger claims the configured mechanism
 
 

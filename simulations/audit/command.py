@@ -28,7 +28,6 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from client.budget import round_mechanisms
 from client.mods.wire_log import WIRE_LOG, read_wire_log
 from client.store import DeviceStore
 from client.trainer import sample_rate
@@ -44,7 +43,7 @@ from simulations.audit.attacks import (
     membership_inference,
     one_run_audit,
 )
-from simulations.audit.ledger import LedgerFinding, audit_ledger
+from simulations.audit.ledger import LedgerFinding, audit_ledger, settings_plan
 from simulations.audit.plant import AuditSetupError, PlantSettings, is_planted, plant
 from simulations.audit.scores import load_or_score
 from simulations.run.evaluate import load_run_config
@@ -88,10 +87,7 @@ def ledger_check(run_dir: Path, user_dirs: Sequence[Path] | None = None) -> dict
             "target_epsilon": None, "target_delta": cfg.target_delta, "history": [],
             "epsilon": 0.0, "rounds": 0}
         rate = sample_rate(cfg.batch_size, len(load_user(user_dir).train), cfg.dp_sample_rate)
-
-        def plan(ledger, private_choice, rate=rate, federation=store.federation):
-            return round_mechanisms(cfg, ledger, rate, private_choice and bool(
-                cfg.discovered_k and cfg.selection_noise), federation).entries
+        plan = settings_plan(cfg, rate, store.federation)
         # the server names deployed devices by node id: its counts then match no user id
         finding = audit_ledger(raw, user_id=user_id, plan=plan,
                                trained_rounds=trained.get(user_id, 0) if cfg.dp else 0,

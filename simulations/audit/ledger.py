@@ -34,12 +34,26 @@ from dataclasses import dataclass, field
 
 from opacus.accountants import RDPAccountant
 
+from client.budget import round_mechanisms
+from shared.config import RunConfig
 from shared.privacy import second_accountant
 from shared.privacy.accounting import PRV_EPS_ERROR, HistoryEntry, PrivacyLedger, epsilon
 
 # plan(ledger so far, private persona choice?) -> the entries the device records for a
 # round, or None when it would decline (client.budget.round_mechanisms)
 RoundPlan = Callable[[PrivacyLedger, bool], "list[HistoryEntry] | None"]
+
+
+
+def settings_plan(cfg: RunConfig, rate: float, federation: str = "") -> RoundPlan:
+    """The entries a device running ``cfg`` at sampling ``rate`` records for a round
+    (what the replay holds its ledger to): the device's own budget rule, the persona
+    choice private only where the settings make it so."""
+    def plan(ledger: PrivacyLedger, private_choice: bool) -> list[HistoryEntry] | None:
+        return round_mechanisms(cfg, ledger, rate, private_choice and bool(
+            cfg.discovered_k and cfg.selection_noise), federation).entries
+    return plan
+
 
 REL_TOLERANCE = 1e-6
 # Opacus's PRV upper bound lies above the true epsilon by at most twice its stated error

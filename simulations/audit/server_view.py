@@ -46,10 +46,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from client import breaks
-from client.budget import noise_share, released_lr, round_mechanisms
-from client.round import dp_generator, round_seed
-from client.trainer import poisson_batch, sample_rate, train_released
+from client.budget import noise_share, released_lr
+from client.round import dp_generator, released_step, round_budget, round_seed
+from client.trainer import poisson_batch, sample_rate
 from shared.config import RunConfig
 from shared.data.federation import load_run_population, training_users
 from shared.data.userdata import load_user
@@ -58,7 +57,7 @@ from shared.model.lm import encode_records
 from shared.model.runtime import get_runtime
 from shared.privacy.accounting import PrivacyLedger, epsilon
 from simulations.audit.attacks import best_one_run_bound
-from simulations.audit.ledger import audit_ledger
+from simulations.audit.ledger import audit_ledger, settings_plan
 from simulations.audit.plant import AuditSetupError
 from simulations.audit.stats import gaussian_dp_epsilon, score_separation
 
@@ -210,9 +209,13 @@ def server_view_audit(cfg: RunConfig, *, canaries: int = 10000, clients: int = 1
         problems.append(f"the update's scores lie {mu_low:.2f} noise units apart at least "
                         f"(Gaussian epsilon >= {gaussian_lower:.3f}), above the "
                         f"{accounted:.3f} accounted")
+    failed_checks = [name for name, failed in (
+        ("server-view (one-run bound)", bound > accounted),
+        ("server-view (Gaussian test)", gaussian_applies and gaussian_lower > accounted),
+        ("ledger", bool(ledger.problems))) if failed]
     return {
         "check": "server-view", "broken_mechanism": cfg.audit_only_broken_mechanism or None,
-        "passed": not problems, "problems": problems,
+        "passed": not problems, "problems": problems, "failed_checks": failed_checks,
         "canaries": canaries, "included": int(plan.included.sum()),
         "canaries_sampled": plan.sampled, "clients_summed": clients,
         "audited_user": audited.user_id, "records": audited.records,
@@ -239,18 +242,12 @@ def _client_round(cfg: RunConfig, model, data, user_id: str,
     rate = sample_rate(cfg.batch_size, len(data), cfg.dp_sample_rate)
     ledger = PrivacyLedger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
                            accountant=cfg.accountant)
-    budget = round_mechanisms(cfg, ledger, breaks.claimed_rate(cfg, rate), False)
+    budget = round_budget(cfg, ledger, rate, False)
     if budget.entries is None:
         raise ServerViewError(f"{user_id}: the budget affords no round")
     secret = rng.bytes(32)  # the device's own secret: nobody else holds it
     generator = dp_generator(cfg, user_id, AUDITED_ROUND, secret)
-    train_released(model, data, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                   lr=released_lr(cfg, budget.noise_multiplier),
-                   dp=breaks.acting_dp(cfg, budget.dp), scheme=cfg.lora_scheme,
-                   generator=generator, levels=RELEASED_LEVELS,
-                   grad_sample_mode=cfg.grad_sample_mode, optimizer=cfg.local_optimizer,
-                   fixed_rate=cfg.dp_sample_rate, gradient_canaries=plan,
-                   user_adapter_active=breaks.user_adapter_active(cfg))
+    released_step(cfg, model, data, budget, generator, RELEASED_LEVELS, gradient_canaries=plan)
     return ClientRound(user_id, len(data), rate, budget.noise_multiplier, budget.entries)
 
 
@@ -297,7 +294,5 @@ def _round_ledger(cfg: RunConfig, client: ClientRound):
     ledger = PrivacyLedger(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
                            accountant=cfg.accountant)
     ledger.record(*client.entries)
-
-    def plan(so_far, private_choice):
-        return round_mechanisms(cfg, so_far, client.rate, private_choice).entries
-    return audit_ledger(ledger.to_json(), user_id=client.user_id, plan=plan)
+    return audit_ledger(ledger.to_json(), user_id=client.user_id,
+                        plan=settings_plan(cfg, client.rate))
