@@ -341,6 +341,24 @@ class _Workflow(SecAggPlusWorkflow):
         state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
         return ok
 
+    def share_keys_stage(self, grid, context, state) -> bool:
+        """Flower's stage, then the protocol narrowed to the nodes that shared their keys.
+
+        Flower 1.42 keeps every sampled node in ``sampled_node_ids`` and in each node's
+        neighbours, so a node lost before it shared its keys (setup or this stage) is
+        later unmasked as a dropout: its peers hold no share of its key (each raises
+        ``KeyError`` in ``secaggplus_mod._unmask``), the server finds too few shares and
+        halts, and a dropout after masking would have the server remove pairwise masks
+        with such a node that no one ever added. Measured on real SuperNodes: one node
+        lost at setup halted the round. No client masks with a node whose key shares it
+        never received, so those nodes are not part of the sum at all."""
+        ok = super().share_keys_stage(grid, context, state)
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        state.nid_to_neighbours = {nid: neighbours & shared
+                                   for nid, neighbours in state.nid_to_neighbours.items()}
+        return ok
+
 
 class _SumStrategy(Strategy):
     """Just enough of a legacy Strategy for the workflow: sample these nodes, keep the mean."""

@@ -19,7 +19,7 @@ SHARED_CACHE_GROUP = "real-model-cache"
 
 # The modules that take longest (minutes, mostly waiting on servers and timeouts), first:
 # with two workers a long module that starts last would run alone at the end
-LONGEST_FIRST = ("test_deploy", "test_resume", "test_secagg", "test_simulation",
+LONGEST_FIRST = ("test_deploy", "test_deploy_secagg", "test_resume", "test_secagg", "test_simulation",
                  "test_audit_cli", "test_bench", "test_console", "test_sweep_compare",
                  "test_server_view", "test_faults", "test_round_eval")
 

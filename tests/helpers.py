@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 from peft import PeftModel
@@ -18,6 +19,7 @@ from shared.data.userdata import Population, Profile, Record, UserData, write_po
 from shared.model.adapters import attach_levels, level_state, lora_config
 from shared.model.base import load_base_model, tiny_tokenizer
 from shared.model.runtime import get_runtime
+from shared.privacy.secagg import error_bound, quantized_weight
 from shared.protocol.wire import KEY_CONFIG, KEY_ROUND, round_record, run_config_record
 
 TARGETS = ("q_proj", "v_proj")
@@ -66,14 +68,19 @@ def text_records(n: int, offset: int = 0) -> tuple[Record, ...]:
                  for i in range(n))
 
 
-def write_small_population(root: Path, *, num_train: int = 20, num_test: int = 4) -> Population:
-    """Three training users: u1 and u3 in persona ``a``, u2 in ``b``."""
-    users = []
-    for index, (user_id, persona) in enumerate((("u1", "a"), ("u2", "b"), ("u3", "a"))):
+SMALL_USERS = (("u1", "a"), ("u2", "b"), ("u3", "a"))
+
+
+def write_small_population(root: Path, *, num_train: int = 20, num_test: int = 4,
+                           users: Sequence[tuple[str, str]] = SMALL_USERS) -> Population:
+    """Training users (``users``: id, persona). By default three: u1 and u3 in persona
+    ``a``, u2 in ``b``."""
+    written = []
+    for index, (user_id, persona) in enumerate(users):
         train = text_records(num_train, offset=5 * index)
         test = text_records(num_test, offset=5 * index + 1)
-        users.append(("train", UserData(Profile(user_id, persona), train, test)))
-    return write_population(root, users, {"personas": list(PERSONAS)})
+        written.append(("train", UserData(Profile(user_id, persona), train, test)))
+    return write_population(root, written, {"personas": list(PERSONAS)})
 
 
 # The recipe before 2026-12-01 (before on-device calibration became the default): Adam on
@@ -179,3 +186,14 @@ def sim_store(cfg: RunConfig, user_dir: Path):
     from client.store import DeviceStore
 
     return DeviceStore.simulated(cfg, Path(user_dir).name, Path(user_dir))
+
+
+def secagg_tolerance(cfg: RunConfig, vectors: int, examples: int, values: dict) -> float:
+    """How far a SecAgg+ mean over ``vectors`` clients and ``examples`` records may lie
+    from the plain mean: the quantization bound, plus float32 rounding of ``values``."""
+    weight = quantized_weight(examples, max_weight=cfg.secagg_max_weight,
+                              quantization_range=cfg.secagg_quantization_range)
+    scale = max(float(v.abs().max()) for v in values.values())
+    return error_bound(vectors, weight, clipping_range=cfg.secagg_clipping_range,
+                       quantization_range=cfg.secagg_quantization_range) \
+        + 4 * float(np.finfo(np.float32).eps) * scale

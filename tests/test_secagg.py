@@ -37,7 +37,7 @@ from shared.protocol.wire import (
     KEY_ROUND,
     read_run_config,
 )
-from tests.helpers import FIXED_NOISE, PERSONAS, small_config
+from tests.helpers import FIXED_NOISE, PERSONAS, secagg_tolerance, small_config
 
 SHAPES = {"b.weight": (2, 3), "a.weight": (4,)}
 
@@ -242,16 +242,6 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def _tolerance(cfg: RunConfig, vectors: int, examples: int, values: dict) -> float:
-    """The quantization bound for a mean over ``examples``, plus float32 rounding."""
-    weight = quantized_weight(examples, max_weight=cfg.secagg_max_weight,
-                              quantization_range=cfg.secagg_quantization_range)
-    scale = max(float(v.abs().max()) for v in values.values())
-    return error_bound(vectors, weight, clipping_range=cfg.secagg_clipping_range,
-                       quantization_range=cfg.secagg_quantization_range) \
-        + 4 * float(np.finfo(np.float32).eps) * scale
-
-
 @pytest.fixture(scope="module")
 def secagg_vs_plain(tmp_path_factory):
     """The same two-round run twice, plain and under SecAgg+ (u2 drops out of round 2 after
@@ -306,23 +296,23 @@ def test_secagg_aggregates_equal_plain_aggregation_within_the_quantization_bound
     got_1 = {"global": spy[(2, "u1")]["states"]["sent/global"],  # what round 2 was sent
              "a": spy[(2, "u1")]["states"]["sent/persona"],
              "b": spy[(2, "u2")]["states"]["sent/persona"]}
-    tol_global = _tolerance(cfg, 3, sum(examples.values()), got_1["global"])
+    tol_global = secagg_tolerance(cfg, 3, sum(examples.values()), got_1["global"])
     diff = _max_diff(got_1["global"], after_1.global_state)
     assert 0 < diff <= tol_global  # quantized (stochastic rounding), but within the bound
     assert tol_global < 1e-5
-    assert _max_diff(got_1["a"], after_1.persona_states["a"]) <= _tolerance(
+    assert _max_diff(got_1["a"], after_1.persona_states["a"]) <= secagg_tolerance(
         cfg, 3, examples["u1"] + examples["u3"], got_1["a"])
-    assert _max_diff(got_1["b"], after_1.persona_states["b"]) <= _tolerance(
+    assert _max_diff(got_1["b"], after_1.persona_states["b"]) <= secagg_tolerance(
         cfg, 3, examples["u2"], got_1["b"])
 
     # round 2: u2 dropped after sharing its keys; SecAgg+ summed u1 and u3 only
     after_2 = _expected_round(spy, 2, ["u1", "u3"], cfg, persona_of)
     final = load_checkpoint(Path(cfg.run_dir))
     final_global = sent_part(final.global_state, cfg.lora_scheme)
-    assert _max_diff(final_global, after_2.global_state) <= _tolerance(
+    assert _max_diff(final_global, after_2.global_state) <= secagg_tolerance(
         cfg, 2, examples["u1"] + examples["u3"], final_global)
     final_a = sent_part(final.persona_states["a"], cfg.lora_scheme)
-    assert _max_diff(final_a, after_2.persona_states["a"]) <= _tolerance(
+    assert _max_diff(final_a, after_2.persona_states["a"]) <= secagg_tolerance(
         cfg, 2, examples["u1"] + examples["u3"], final_a)
     assert _max_diff(sent_part(final.persona_states["b"], cfg.lora_scheme),
                      got_1["b"]) == 0.0  # no member of b was summed: unchanged
@@ -433,7 +423,7 @@ def _plain_update(entry: dict, cfg: RunConfig, corrupt=None) -> tuple[ClientUpda
                         num_examples=int(metrics["num-examples"])), clipped_any
 
 
-def _adam_tolerance(tol: float, opt, lr: float, beta1: float = 0.9,
+def _adamsecagg_tolerance(tol: float, opt, lr: float, beta1: float = 0.9,
                     beta2: float = 0.99, tau: float = 1e-3) -> dict[str, torch.Tensor]:
     """``tol`` on the pseudo-gradient carried through one FedAdam step
     (``server.aggregation.fedadam_step``): per coordinate, |d step / d delta| <=
@@ -484,12 +474,12 @@ def _check_round(cfg: RunConfig, before: ServerState, after: ServerState, spy: d
             reference.persona_states[persona], after.persona_states[persona])
     ratios = {}
     for name, (examples, want, got) in groups.items():
-        tol = _tolerance(cfg, len(updates), examples, want)
+        tol = secagg_tolerance(cfg, len(updates), examples, want)
         if cfg.server_optimizer == "fedadam":
             # the moments are linear in the pseudo-gradient: m is off by (1 - b1) x its error
             got_m, want_m = after.optimizer[name].m, reference.optimizer[name].m
             assert max(float((got_m[k] - want_m[k]).abs().max()) for k in want_m) <= 0.1 * tol
-            per_key = _adam_tolerance(tol, reference.optimizer[name], cfg.server_learning_rate)
+            per_key = _adamsecagg_tolerance(tol, reference.optimizer[name], cfg.server_learning_rate)
         else:
             per_key = {}
         worst = 0.0
@@ -668,6 +658,61 @@ def test_secagg_faulty_clients_drop_out_or_are_clipped_on_the_device(tmp_path, m
             ratios[kind] = _check_round(cfg, before, after, spy, server_round, honest)
         before = after
     assert all(0 <= r <= 1 for per_kind in ratios.values() for r in per_kind.values())
+
+
+def _dropout(user: str, *, stage: str | None = None):
+    """A mod under which ``user`` fails: outermost, at SecAgg+ ``stage`` (before it
+    answers it); innermost (``stage=None``), after training (a dropout after masking
+    would have been its next step)."""
+    def mod(msg, context, call_next):
+        cfg = read_run_config(msg.content[KEY_CONFIG])
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        mine = resolve_user(context, cfg)[0].name == user
+        if mine and stage is not None and configs.get(Key.STAGE) == stage:
+            raise RuntimeError(f"simulated dropout at {stage}")
+        reply = call_next(msg, context)
+        if mine and stage is None and msg.metadata.message_type == MessageType.TRAIN:
+            raise RuntimeError("simulated dropout after training")
+        return reply
+    return mod
+
+
+@pytest.mark.integration
+def test_a_client_lost_before_sharing_its_keys_is_left_out_of_the_unmasking(tmp_path):
+    """Flower 1.42 would unmask a node lost at setup or share-keys as a dropout: its
+    peers hold no share of its key and the round halts (server.secagg._Workflow). u2 is
+    lost at share-keys and u4 after training, in the same round: u1 and u3 are summed,
+    and the aggregate is plain aggregation of their releases within the bound."""
+    from flwr.clientapp import ClientApp
+
+    from client.client_app import evaluate, query, train
+    from client.mods.secagg import secagg_mod
+    from client.mods.wire_log import record_wire
+    from simulations.run.simulate import simulate
+    from tests.helpers import write_small_population
+
+    write_small_population(tmp_path / "pop", users=(("u1", "a"), ("u2", "b"), ("u3", "a"),
+                                                     ("u4", "b")))
+    cfg = small_config(tmp_path, secagg=True, clients_per_round=4, num_rounds=1,
+                       secagg_reconstruction_threshold=2, target_epsilon=50.0,
+                       secagg_max_weight=32)
+    app = ClientApp(mods=[_dropout("u2", stage=Stage.SHARE_KEYS), record_wire, secagg_mod,
+                          _dropout("u4"), _spy])
+    app.query()(query)
+    app.train()(train)
+    app.evaluate()(evaluate)
+
+    report = simulate(cfg, final_evaluation=False, client_app=app)
+
+    entry = report["rounds"][0]
+    secure = entry["secure_aggregation"]
+    assert "failure" not in secure, secure
+    assert (secure["shares"], secure["summed"]) == (4, 2)
+    assert entry["trained_users"] == ["u1", "u3"]
+    assert {r["client"] for r in report["rejected_updates"]} == {"u2", "u4"}
+    ratios = _check_round(cfg, _initial(cfg), _snapshot(Path(cfg.run_dir), 1),
+                          _spied(tmp_path, "run"), 1, ["u1", "u3"])
+    assert all(0 <= r <= 1 for r in ratios.values())
 
 
 @pytest.mark.integration
