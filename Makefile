@@ -10,14 +10,15 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.fedpersona-installed
 
-.PHONY: demo test test-fast lint install check-install audit-breaks
+.PHONY: demo test test-fast lint install check-install audit-breaks soak
 
 demo: $(STAMP)
 	$(PY) -m simulations.cli simulate --out runs/demo \
 	  $(if $(wildcard runs/demo/run.json runs/demo/checkpoint/LATEST),--resume)
 
 # one pytest-xdist worker per core: a module stays on one worker, the real-model tests
-# share one (tests/conftest.py); the servers' waits overlap the other worker's work
+# share one (tests/conftest.py); the servers' waits overlap the other worker's work (a
+# third worker on 2 cores overloaded them: two deployments at once timed out)
 test: lint
 	$(PY) -m pytest -q -n auto --dist loadgroup
 
@@ -38,6 +39,13 @@ install: $(STAMP)
 # for the correct mechanism and each audit-only break, on the real model (about 2 min)
 audit-breaks: $(STAMP)
 	$(PY) -m simulations.cli audit breaks --out runs/audit-breaks
+
+# a loopback deployment (SuperLink, 6 SuperNodes, TLS, the tiny model, 10 rounds) with
+# SuperNodes and the SuperLink killed and restarted at random; then every check of what
+# must survive (about 15 min; stops itself after 45)
+soak: $(STAMP)
+	rm -rf runs/soak
+	$(PY) -m simulations.cli deploy soak --out runs/soak
 
 $(STAMP): pyproject.toml
 	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi

@@ -15,7 +15,13 @@ from flwr.serverapp import Grid
 from server.checkpoint import ServerState
 from server.messages import round_content
 from server.nodes import reply_timeout, successful
-from server.report import level_metrics, privacy_summary, user_check_summary, write_report
+from server.report import (
+    level_metrics,
+    privacy_summary,
+    unconfirmed_spending,
+    user_check_summary,
+    write_report,
+)
 from shared.config import RunConfig
 from shared.personas import adjusted_rand_index, contingency
 from shared.protocol.wire import EVAL_LEVELS, KEY_METRICS, KEY_ROUND, round_record
@@ -115,7 +121,9 @@ def final_report(grid: Grid, run: Run, started: float,
         "rejected_updates": state.rejected,
         "privacy": privacy_summary(state.epsilon_per_user, dp=cfg.dp, delta=cfg.target_delta,
                                    budget=cfg.target_epsilon, accountant=cfg.accountant,
-                                   mechanism="distributed" if cfg.distributed_dp else "local"),
+                                   mechanism="distributed" if cfg.distributed_dp else "local",
+                                   unconfirmed=unconfirmed_spending(state.history,
+                                                                    state.rejected)),
         "user_level_privacy": (state.central_dp.summary() if cfg.central_dp and state.central_dp
                                else {"central_dp": False}),
         "levels": level_metrics(per_user),

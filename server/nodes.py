@@ -83,14 +83,17 @@ def query_nodes(grid: Grid, nodes: list[int], cfg: RunConfig,
             "user-index": int(metrics["user-index"])}
     if not info and not allow_none:
         raise RuntimeError("no client answered the persona query")
+    missing = sorted(set(nodes) - set(info))
+    if missing:  # not sampled until they answer: asked again at the next round
+        log.warning("no persona from node(s) %s yet", ", ".join(map(str, missing)))
     return info
 
 
 def successful(replies, what: str):
     """The replies without an error; the others are logged and skipped."""
     for reply in replies:
-        if reply.has_error():
-            log.warning("node %s failed %s: %s", reply.metadata.src_node_id, what,
-                        reply.error.reason)
+        if reply.has_error():  # made by the SuperLink for an unreachable node, whose
+            # id it does not carry: the callers name the nodes that did not answer
+            log.warning("a node failed %s: %s", what, reply.error.reason)
         else:
             yield reply

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import platform
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -25,8 +25,9 @@ def level_metrics(per_user_stats: Mapping[str, Mapping[str, TokenStats]]) -> dic
 
 
 def privacy_summary(epsilon_per_user: Mapping[str, float], *, dp: bool, delta: float,
-                    budget: float, accountant: str = "rdp",
-                    mechanism: str = "local") -> dict[str, Any]:
+                    budget: float, accountant: str = "rdp", mechanism: str = "local",
+                    unconfirmed: Sequence[str] = ()) -> dict[str, Any]:
+    """``unconfirmed``: users whose figure may be stale (:func:`unconfirmed_spending`)."""
     if not dp:
         return {"dp": False, "note": "no DP", "delta": None, "epsilon_per_user": {},
                 "epsilon_max": None}
@@ -35,7 +36,31 @@ def privacy_summary(epsilon_per_user: Mapping[str, float], *, dp: bool, delta: f
             "target_epsilon": budget,
             "epsilon_per_user": dict(sorted(epsilon_per_user.items())),
             "epsilon_max": max(finite) if finite else 0.0,
-            "over_budget": sorted(u for u, e in epsilon_per_user.items() if e > budget)}
+            "over_budget": sorted(u for u, e in epsilon_per_user.items() if e > budget),
+            "epsilon_unconfirmed": sorted(unconfirmed)}
+
+
+def unconfirmed_spending(history: Sequence[Mapping[str, Any]],
+                         rejected: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Users whose reported epsilon may be below what their ledger composes: since they
+    last reported it, a round of theirs got no reply, or the server stopped inside a
+    round (``resumed``; any device may have trained in the lost try). A device records
+    a round in its ledger before anything leaves it, so it may have spent in either. The
+    server cannot know; the device's own ledger audit can."""
+    heard: dict[str, int] = {}
+    for entry in history:
+        for user in entry.get("heard_users", entry.get("trained_users", [])):
+            heard[user] = int(entry["round"])
+    at_risk: dict[str, int] = {}
+    for entry in rejected:
+        if str(entry.get("reason", "")).startswith("no reply"):
+            at_risk[entry["client"]] = max(at_risk.get(entry["client"], 0), int(entry["round"]))
+    resumed = [int(e["round"]) for e in history if e.get("resumed")]
+    for user in heard:
+        for server_round in resumed:  # the lost try came before this round's replies
+            if server_round > heard[user]:
+                at_risk[user] = max(at_risk.get(user, 0), server_round)
+    return sorted(u for u, r in at_risk.items() if r > heard.get(u, 0))
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
@@ -470,6 +495,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      f"{len(privacy['epsilon_per_user'])} users.")
         if privacy["over_budget"]:
             lines.append(f"Over budget: {', '.join(privacy['over_budget'])}")
+        if privacy.get("epsilon_unconfirmed"):
+            lines.append(f"Last reply lost, so these devices may have spent more than they last "
+                         f"reported (their own ledgers are exact: `fedpersona audit ledger "
+                         f"--user-dir`): {', '.join(privacy['epsilon_unconfirmed'])}")
     else:
         lines.append("no DP: this run gives no formal privacy guarantee.")
     lines += user_level_lines(report.get("user_level_privacy", {}))

@@ -43,6 +43,7 @@ class RoundReplies:
     losses: list[tuple[float, int]] = field(default_factory=list)
     noise_multipliers: list[float] = field(default_factory=list)  # accounted, per client
     private_choices: list[int] = field(default_factory=list)
+    heard: set[str] = field(default_factory=set)  # users that reported their epsilon
 
 
 class RoundAbandoned(Exception):
@@ -97,6 +98,11 @@ def run_round(grid: Grid, run: Run, server_round: int, progress: Callable[[str],
         "round": server_round, "clients": len(chosen), "accepted": len(got.accepted),
         # whose DP update counted (the ledger audit checks no device undercounts them)
         "trained_users": sorted(u for u, _ in got.accepted),
+        # whose reported epsilon is current (server.report.unconfirmed_spending); a round
+        # sent again after the server stopped in it: every device may have spent in the
+        # lost try
+        "heard_users": sorted(got.heard),
+        **({"resumed": True} if server_round == run.resumed_at else {}),
         "declined": got.declined, "rejected": len(got.rejected),
         "train_loss": weighted_loss(got.losses),
         "update_norm": statistics.fmean(got.norms) if got.norms else float("nan"),
@@ -152,6 +158,7 @@ def collect_replies(run: Run, replies: list[Message], chosen: list[int], server_
             continue
         if cfg.dp and "epsilon" in metrics:
             state.epsilon_per_user[user_name[node]] = float(metrics["epsilon"])
+            got.heard.add(user_name[node])
         if update is None:
             got.declined += 1
             continue
@@ -167,6 +174,7 @@ def collect_replies(run: Run, replies: list[Message], chosen: list[int], server_
     if secure and cfg.dp:  # a halted SecAgg+ round: its devices spent all the same
         for node, epsilon in secure.spent.items():
             state.epsilon_per_user[user_name[node]] = epsilon
+            got.heard.add(user_name[node])
     for node in chosen:
         if node not in answered:
             reason = "no reply" + (f" ({'; '.join(sorted(set(errors)))})" if errors else "")

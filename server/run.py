@@ -43,6 +43,7 @@ class Run:
     merged: frozenset[str] = frozenset()  # personas merged into global (user-level DP)
     sampling_seed: int = 0
     eval_users: tuple[str, ...] = ()  # evaluated after every round (round-eval-users)
+    resumed_at: int = 0  # the first round of a resumed run (0: not resumed)
 
     @property
     def users(self) -> tuple:
@@ -84,7 +85,8 @@ def start_run(grid: Grid, cfg: RunConfig, progress: Callable[[str], None]) -> Ru
         progress(f"resuming {run_dir} after round {state.round}")
     expected = {k: tuple(v.shape) for k, v in sent_part(runtime.initial["global"],
                                                           cfg.lora_scheme).items()}
-    run = Run(cfg, run_dir, state, Nodes(cfg, personas, tuple(users)), expected)
+    run = Run(cfg, run_dir, state, Nodes(cfg, personas, tuple(users)), expected,
+              resumed_at=state.round + 1 if state.round else 0)
 
     nodes = wait_for_nodes(grid, max(1, cfg.min_clients or min(len(users),
                                                                  cfg.clients_per_round)))

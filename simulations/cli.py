@@ -221,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, help="CPU threads for this SuperNode's "
                       "training (default: all; split the cores when SuperNodes share a machine)")
     node.add_argument("--insecure", action="store_true")
+    soak = steps.add_parser("soak", help="a loopback deployment hurt at random (SuperNodes "
+                            "and the SuperLink killed and restarted), then checked")
+    soak.add_argument("--out", required=True, type=Path, help="a new directory")
+    soak.add_argument("--nodes", type=int, default=6, help="SuperNodes (one user each)")
+    soak.add_argument("--rounds", type=int, default=10)
+    soak.add_argument("--seed", type=int, default=0, help="the fault schedule's seed")
+    soak.add_argument("--max-minutes", type=_positive_float, default=45.0,
+                      help="stop everything after this long, complete or not")
+    soak.add_argument("settings", nargs="*", metavar="key=value",
+                      help="more run settings (the soak sets the model, rounds and nodes)")
     run = steps.add_parser("run", help="start a run on the SuperLink (flwr run)")
     run.add_argument("--name", default="fedpersona", help="the connection's name")
     run.add_argument("--no-stream", action="store_true", help="return once the run starts")
@@ -438,6 +448,16 @@ def _deploy(args: argparse.Namespace) -> int:
             max_wait=args.max_wait, epsilon_budget=args.epsilon_budget),
             rejoin_wait=args.rejoin_wait,
             extra_env=deploy.thread_limits(args.threads))
+    if args.step == "soak":
+        from simulations.deploy.soak import SoakPlan, run_soak
+
+        result = run_soak(args.out, SoakPlan(nodes=args.nodes, rounds=args.rounds,
+                                             seed=args.seed, max_minutes=args.max_minutes),
+                          extra_settings=tuple(args.settings))
+        print()
+        print((args.out / "soak.md").read_text())
+        print(f"wrote {args.out / 'soak.json'} and .md")
+        return 0 if result["passed"] else 1
     from shared.config import parse_overrides
 
     if parse_overrides(args.settings).get("audit-only-broken-mechanism"):

@@ -161,3 +161,36 @@ def test_thread_limits_cap_openmp_and_mkl():
     assert thread_limits(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with pytest.raises(DeployError, match="--threads"):
         thread_limits(0)
+
+
+def test_a_supernode_that_reconnects_after_activating_is_started_again(tmp_path, capsys):
+    """Flower 1.42: a SuperNode that outlives a SuperLink restart is never heard again (no
+    heartbeat); the supervisor starts it anew. A stand-in prints what Flower prints."""
+    import signal
+    import sys
+
+    from simulations.deploy.command import supervise_supernode
+
+    runs = tmp_path / "runs"
+    stand_in = tmp_path / "supernode.py"
+    stand_in.write_text(
+        "import pathlib, sys, time\n"
+        f"runs = pathlib.Path({str(runs)!r})\n"
+        "n = len(runs.read_text()) if runs.exists() else 0\n"
+        "runs.write_text('x' * (n + 1))\n"
+        "print('Connection successful after 2.1 seconds and 3 tries.', flush=True)\n"
+        "print('SuperNode ID: 42', flush=True)\n"
+        "if n == 0:\n"
+        "    print('Connection successful after 10.87 seconds and 5 tries.', flush=True)\n"
+        "    time.sleep(60)\n"
+        "sys.exit(0)\n")
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = supervise_supernode([sys.executable, str(stand_in)], rejoin_wait=30)
+    finally:  # it forwards signals to its SuperNode: give pytest its own back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+    assert code == 0 and runs.read_text() == "xx"  # stopped once, started again, done
+    assert "starting the SuperNode again" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"client", "server", "shared", "simulations", "tests", "helpers"}
+OURS = {"client", "server", "shared", "simulations", "tests", "helpers", "deployment"}
 
 
 def _normal(name: str) -> str:

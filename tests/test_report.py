@@ -222,3 +222,22 @@ def test_no_note_when_every_row_covers_the_same_users():
                                                                "centralized": _row(4)}))
 
     assert "Rows cover different users" not in text
+
+
+def test_a_device_whose_last_reply_was_lost_is_flagged_as_possibly_stale():
+    from server.report import privacy_summary, unconfirmed_spending
+
+    history = [{"round": 1, "heard_users": ["a", "b", "c"]},
+               {"round": 2, "heard_users": ["a", "c"]},
+               {"round": 3, "heard_users": ["a", "b"]}]
+    rejected = [{"round": 2, "client": "b", "reason": "no reply"},  # heard again later
+                {"round": 3, "client": "c", "reason": "no reply (Node Unavailable)"},
+                {"round": 3, "client": "d", "reason": "global adapter: NaN"}]  # it answered
+
+    assert unconfirmed_spending(history, rejected) == ["c"]
+    # the server stopped inside round 4 and resumed it: who answered then is current
+    resumed = [*history, {"round": 4, "heard_users": ["a"], "resumed": True}]
+    assert unconfirmed_spending(resumed, rejected) == ["b", "c"]
+    privacy = privacy_summary({"a": 1.0, "b": 1.0, "c": 0.5}, dp=True, delta=1e-5, budget=8,
+                              unconfirmed=["c"])
+    assert privacy["epsilon_unconfirmed"] == ["c"]

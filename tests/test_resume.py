@@ -353,7 +353,10 @@ def _latest(run_dir: Path) -> str | None:
 
 
 def _without_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in history]
+    """The history without timings and the resumed run's marker of the round it sent
+    again (``resumed``)."""
+    return [{k: v for k, v in h.items() if not k.endswith("seconds") and k != "resumed"}
+            for h in history]
 
 
 def test_round_train_loss_does_not_depend_on_the_order_replies_arrive_in():

@@ -537,8 +537,9 @@ def _stop_in_collect(server_round: int):
 
 def _history(state: ServerState) -> list[dict]:
     """The round history without what varies between protocol runs: timings, and bytes
-    (node ids are random varints, keys are fresh); NaN (no update norm) as a string."""
-    varies = {"seconds", "eval_seconds", "stages", "bytes_sent", "bytes_received"}
+    (node ids are random varints, keys are fresh), and a resumed run's marker of the
+    round it sent again; NaN (no update norm) as a string."""
+    varies = {"seconds", "eval_seconds", "stages", "bytes_sent", "bytes_received", "resumed"}
 
     def same(value):
         if isinstance(value, dict):

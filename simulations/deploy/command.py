@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -182,15 +183,27 @@ def thread_limits(threads: int | None) -> dict[str, str]:
     return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
+# Flower 1.42's SuperNode prints these: its node id once activated, and this after it
+# reconnects to a SuperLink it had lost
+ACTIVATED = "SuperNode ID:"
+RECONNECTED = "Connection successful after"
+
+
 def supervise_supernode(command: list[str], *, rejoin_wait: float,
                         extra_env: Mapping[str, str] | None = None,
                         retry_every: float = 5.0) -> int:
-    """Run a SuperNode; if it is refused at start, try again for ``rejoin_wait`` seconds.
+    """Run a SuperNode; if it is refused at start, try again for ``rejoin_wait`` seconds;
+    if it lost its SuperLink and reconnected, start it again.
 
     A device that crashed (no goodbye) stays "online" at the SuperLink until its
     heartbeat expires (about 60 s in Flower 1.42), and Flower refuses to activate
     the same key meanwhile (exit code 305, no retry of its own). Retrying lets a
     restarted device rejoin by itself; an unregistered key is refused on every try.
+
+    A SuperNode that outlives a SuperLink restart reconnects and keeps pulling
+    messages, but the new SuperLink never hears its heartbeat again: it answers every
+    message to it with "Node Unavailable", so the node is never counted (seen in the
+    soak, ``fedpersona deploy soak``). Started again, it activates anew.
     SIGINT and SIGTERM are passed on to the SuperNode."""
     deadline = time.monotonic() + rejoin_wait
     child: subprocess.Popen | None = None
@@ -205,7 +218,15 @@ def supervise_supernode(command: list[str], *, rejoin_wait: float,
     print("+ " + " ".join(command), flush=True)
     while True:
         started = time.monotonic()
-        child = subprocess.Popen(command, env=environment(extra_env))
+        child = subprocess.Popen(command, env=environment(extra_env), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, errors="replace")
+        if _relay_until_reconnected(child):
+            child.terminate()
+            child.wait()
+            print("fedpersona: the SuperLink came back; starting the SuperNode again so "
+                  "that it activates anew", flush=True)
+            deadline = time.monotonic() + rejoin_wait
+            continue
         code = child.wait()
         refused_at_start = code != 0 and time.monotonic() - started < 30
         if not refused_at_start or time.monotonic() + retry_every > deadline:
@@ -213,6 +234,29 @@ def supervise_supernode(command: list[str], *, rejoin_wait: float,
         print(f"fedpersona: SuperNode refused (exit {code}); retrying in {retry_every:g} s "
               f"(a crashed session is held until its heartbeat expires)", flush=True)
         time.sleep(retry_every)
+
+
+def _relay_until_reconnected(child: subprocess.Popen) -> bool:
+    """Pass the SuperNode's output on until it exits; True as soon as it reconnects after
+    activating. The output is read by a thread: the SuperNode's own children inherit the
+    pipe and may keep it open after it exits."""
+    reconnected = threading.Event()
+
+    def relay() -> None:
+        activated = False
+        assert child.stdout is not None
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            activated = activated or ACTIVATED in line
+            if activated and RECONNECTED in line:
+                reconnected.set()
+
+    threading.Thread(target=relay, daemon=True).start()
+    while child.poll() is None:
+        if reconnected.wait(0.5):
+            return True
+    return False
 
 
 def exec_command(command: list[str]) -> None:
